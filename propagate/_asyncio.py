@@ -1,0 +1,78 @@
+"""asyncio's ways into executors, carrying the context: to_thread, run_in_executor, install."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+
+from ._executor import WrappedExecutor, detached, in_snapshot
+from ._process import ProcessPoolExecutor
+from ._span import heal
+from ._thread import ThreadPoolExecutor
+
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+
+T = TypeVar("T")
+_installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecutor] = (
+    weakref.WeakKeyDictionary())
+
+
+def _bind(executor: Optional[cf.Executor], fn: Callable[..., T], args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> Callable[[], T]:
+    if isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)):
+        return lambda: fn(*args, **kwargs)  # the executor's own submit carries the context
+    if executor is None or isinstance(executor, cf.ThreadPoolExecutor):
+        return in_snapshot(fn, args, kwargs)
+    return detached(fn, args, kwargs)
+
+
+async def run_in_executor(executor: Optional[cf.Executor], fn: Callable[P, T], /,
+                          *args: P.args, **kwargs: P.kwargs) -> T:
+    """Like ``loop.run_in_executor``, but with keyword arguments, carrying the context.
+
+    ``executor=None`` is the running loop's default executor. A thread pool runs ``fn``
+    in a snapshot of the caller's context; a process pool (propagate's or the stdlib's)
+    or any other pickling executor gets a detached context, as `wrap_executor` does.
+    Changes made in ``fn`` never flow back.
+    """
+    heal()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, _bind(executor, fn, args, kwargs))
+
+
+async def to_thread(fn: Callable[P, T], /, *args: P.args, executor: Optional[cf.Executor] = None,
+                    **kwargs: P.kwargs) -> T:
+    """Like `asyncio.to_thread`, but any executor may be given.
+
+    Without ``executor`` it runs in the loop's default executor, in a snapshot of the
+    caller's context, exactly as ``asyncio.to_thread`` does; with one it behaves as
+    `run_in_executor`.
+    """
+    heal()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, _bind(executor, fn, args, kwargs))
+
+
+def install(loop: Optional[asyncio.AbstractEventLoop] = None) -> ThreadPoolExecutor:
+    """Make a `propagate.ThreadPoolExecutor` the loop's default executor; return it.
+
+    Then ``loop.run_in_executor(None, ...)`` and ``loop.getaddrinfo`` carry the caller's
+    context. Idempotent. The executor is shut down with the loop, as the stdlib's default
+    executor is (``asyncio.run`` calls ``loop.shutdown_default_executor()``); a stdlib
+    default executor the loop had already made is shut down without waiting.
+    """
+    loop = loop or asyncio.get_running_loop()
+    current = getattr(loop, "_default_executor", None) or _installed.get(loop)
+    if isinstance(current, ThreadPoolExecutor):
+        return current
+    executor = ThreadPoolExecutor(thread_name_prefix="asyncio")
+    loop.set_default_executor(executor)
+    _installed[loop] = executor
+    if isinstance(current, cf.Executor):
+        current.shutdown(wait=False)
+    return executor

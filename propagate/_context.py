@@ -1,0 +1,163 @@
+"""Detached contexts: what of the caller's context can cross to another process.
+
+A thread gets a snapshot (``contextvars.copy_context()``) and needs nothing from here.
+A process cannot: ``Context`` and ``ContextVar`` do not pickle. It gets a
+`DetachedContext` instead: the trace identity of the current span (as a remote parent),
+the baggage, and the values of the ContextVars registered with `register`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from typing import Any, Optional, TypeVar
+
+from . import _otel, _switch
+from ._span import heal
+
+T = TypeVar("T")
+
+_registry: dict[str, ContextVar[Any]] = {}
+_stand_ins: set[str] = set()  # names created in a worker before their module registered them
+_lock = threading.Lock()
+_UNSET: Any = object()
+
+
+def register(var: ContextVar[T]) -> ContextVar[T]:
+    """Carry ``var`` across processes: its value travels with every task, by name.
+
+    Returns ``var``, so it can wrap the declaration::
+
+        REQUEST_ID = propagate.register(ContextVar("request_id"))
+
+    The name is the key on the other side, so registered names must be unique.
+    """
+    if not isinstance(var, ContextVar):
+        raise TypeError(f"register() takes a contextvars.ContextVar, not {var!r}")
+    with _lock:
+        known = _registry.get(var.name)
+        if known is not None and known is not var and var.name not in _stand_ins:
+            raise ValueError(
+                f"a different ContextVar named {var.name!r} is already registered; "
+                "registered names must be unique because values cross processes by name"
+            )
+        _registry[var.name] = var
+        _stand_ins.discard(var.name)
+    return var
+
+
+def registered() -> dict[str, ContextVar[Any]]:
+    """The registered ContextVars, by name."""
+    with _lock:
+        return dict(_registry)
+
+
+def lookup(name: str) -> ContextVar[Any]:
+    """The registered variable called ``name`` (the unpickling side of a ContextVar).
+
+    In a worker process whose registering module was not imported, a stand-in is
+    registered, so the function and the context that arrive together share one variable.
+    """
+    with _lock:
+        var = _registry.get(name)
+        if var is None:
+            var = _registry[name] = ContextVar(name)
+            _stand_ins.add(name)
+        return var
+
+
+class DetachedContext:
+    """A picklable copy of what of the current context can cross a process boundary.
+
+    Holds the current span's trace identity (it becomes a *remote* parent), the baggage,
+    and the values of registered ContextVars. It holds no live span, no token and no
+    cancellation: changes made where it is attached never flow back.
+    """
+
+    __slots__ = ("_identity", "_baggage", "_values")
+
+    def __init__(
+        self,
+        identity: Optional[_otel.SpanIdentity] = None,
+        baggage: Optional[Mapping[str, object]] = None,
+        values: Optional[Mapping[str, object]] = None,
+    ) -> None:
+        self._identity = identity
+        self._baggage = dict(baggage or {})
+        self._values = dict(values or {})
+
+    @property
+    def trace_id(self) -> Optional[int]:
+        return None if self._identity is None else self._identity[0]
+
+    @property
+    def span_id(self) -> Optional[int]:
+        return None if self._identity is None else self._identity[1]
+
+    @property
+    def baggage(self) -> Mapping[str, object]:
+        return dict(self._baggage)
+
+    @property
+    def values(self) -> Mapping[str, object]:
+        """Registered ContextVar values, by variable name."""
+        return dict(self._values)
+
+    @contextmanager
+    def attach(self) -> Iterator[DetachedContext]:
+        """Make this context current on this thread; restore the previous one on exit."""
+        resets: list[tuple[ContextVar[Any], Token[Any]]] = []
+        token = _otel.attach(_otel.build(self._identity, self._baggage))
+        try:
+            for name, value in self._values.items():
+                var = lookup(name)
+                resets.append((var, var.set(value)))
+            _switch.point("attach")
+            yield self
+        finally:
+            _switch.point("detach")
+            for var, var_token in reversed(resets):
+                var.reset(var_token)
+            _otel.detach(token)
+
+    def to_carrier(self) -> dict[str, str]:
+        """W3C ``traceparent``/``tracestate``/``baggage`` headers, through the global propagator.
+
+        Registered ContextVar values are not part of a carrier.
+        """
+        return _otel.inject(self._identity, self._baggage)
+
+    @classmethod
+    def from_carrier(cls, carrier: Mapping[str, str]) -> DetachedContext:
+        """Read a carrier back; a malformed one gives a context with no parent, never an error."""
+        identity, found = _otel.extract(carrier)
+        return cls(identity, found)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DetachedContext, (self._identity, self._baggage, self._values))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DetachedContext):
+            return NotImplemented
+        return (self._identity, self._baggage, self._values) == (
+            other._identity, other._baggage, other._values)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        ids = "no parent" if self._identity is None else (
+            f"trace_id={self._identity[0]:032x} span_id={self._identity[1]:016x}")
+        return f"<DetachedContext {ids} baggage={self._baggage!r} values={self._values!r}>"
+
+
+def capture() -> DetachedContext:
+    """The current context, detached: picklable, and safe to attach anywhere, any number of times."""
+    heal()
+    values = {}
+    for name, var in registered().items():
+        value = var.get(_UNSET)
+        if value is not _UNSET:
+            values[name] = value
+    return DetachedContext(_otel.current_identity(), _otel.current_baggage(), values)

@@ -1,0 +1,99 @@
+"""Everything propagate asks of the OpenTelemetry API, in one place.
+
+Trace identity travels as a plain tuple, ``(trace_id, span_id, trace_flags, tracestate)``
+with ``tracestate`` a tuple of pairs, because it pickles in microseconds and holds no
+OpenTelemetry object.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Optional, Tuple
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry import propagate as otel_propagate
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
+
+SpanIdentity = Tuple[int, int, int, Tuple[Tuple[str, str], ...]]
+Token = object
+
+TRACER = trace.get_tracer("propagate")
+_EMPTY: otel_context.Context = otel_context.Context()
+
+
+def current_identity() -> Optional[SpanIdentity]:
+    """The current span's identity, or None when there is no valid current span."""
+    sc = trace.get_current_span().get_span_context()
+    if not sc.is_valid:
+        return None
+    return (sc.trace_id, sc.span_id, int(sc.trace_flags), tuple(sc.trace_state.items()))
+
+
+def current_baggage() -> dict[str, object]:
+    return dict(otel_baggage.get_all())
+
+
+def span_context(identity: SpanIdentity) -> SpanContext:
+    trace_id, span_id, flags, state = identity
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags),
+                       trace_state=TraceState(list(state)))
+
+
+def build(identity: Optional[SpanIdentity], baggage: Mapping[str, object]) -> otel_context.Context:
+    """An OpenTelemetry Context holding a remote parent and baggage, and nothing else."""
+    ctx = _EMPTY
+    if identity is not None:
+        ctx = trace.set_span_in_context(NonRecordingSpan(span_context(identity)), ctx)
+    for key, value in baggage.items():
+        ctx = otel_baggage.set_baggage(key, value, ctx)
+    return ctx
+
+
+def attach(ctx: otel_context.Context) -> Token:
+    return otel_context.attach(ctx)
+
+
+def detach(token: Token) -> None:
+    otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def inject(identity: Optional[SpanIdentity], baggage: Mapping[str, object]) -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    otel_propagate.inject(carrier, context=build(identity, baggage))
+    return carrier
+
+
+def extract(carrier: Mapping[str, str]) -> tuple[Optional[SpanIdentity], dict[str, object]]:
+    """Read a carrier; anything malformed gives no parent rather than an exception."""
+    try:
+        ctx = otel_propagate.extract(dict(carrier))
+        sc = trace.get_current_span(ctx).get_span_context()
+        found = dict(otel_baggage.get_all(ctx))
+    except Exception:  # a carrier is untrusted input: never crash on it
+        logging.getLogger("propagate").debug("ignoring malformed carrier", exc_info=True)
+        return None, {}
+    if not sc.is_valid:
+        return None, found
+    return (sc.trace_id, sc.span_id, int(sc.trace_flags), tuple(sc.trace_state.items())), found
+
+
+@contextmanager
+def task_span(name: str, link: bool, attributes: Mapping[str, Any]) -> Iterator[Span]:
+    """Start a span for one task and make it current, entered and exited right here.
+
+    With ``link`` the span is the root of a new trace, linked to the current span.
+    """
+    links: list[Link] = []
+    parent: Optional[otel_context.Context] = None
+    if link:
+        parent = _EMPTY
+        sc = trace.get_current_span().get_span_context()
+        if sc.is_valid:
+            links.append(Link(sc, {"propagate.link": "follows_from"}))
+    with TRACER.start_as_current_span(name, context=parent, links=links,
+                                      attributes=dict(attributes)) as span:
+        yield span

@@ -1,0 +1,61 @@
+"""ProcessPoolExecutor: the caller's detached context into worker processes, spans back out."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import sys
+from multiprocessing.context import BaseContext
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+
+from ._executor import Options, detached
+
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+
+T = TypeVar("T")
+
+
+class ProcessPoolExecutor(cf.ProcessPoolExecutor):
+    """Like `concurrent.futures.ProcessPoolExecutor`, but tasks run in the submitter's context.
+
+    What crosses: the current span's trace identity (spans the task starts are its
+    children), the baggage, and the values of ContextVars registered with
+    `propagate.register`. Nothing else does: an unregistered ContextVar keeps the worker's
+    own value, and changes made in the worker never flow back.
+
+    The function and its arguments are pickled at ``submit``, in the caller: plain pickle
+    when it can, cloudpickle when it cannot (lambdas, closures, local functions), so a
+    task that cannot cross fails there, before anything is queued.
+
+    With ``relay=True`` (the default) and opentelemetry-sdk's tracer provider installed
+    here, the spans a worker records come home to this process's span processors,
+    exactly once, before the task's future resolves; workers need no configuration and
+    export nothing themselves. ``task_spans`` and ``link`` work as for
+    `propagate.ThreadPoolExecutor`, with ``process.pid`` added.
+    """
+
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        mp_context: Optional[BaseContext] = None,
+        initializer: Optional[Callable[..., object]] = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: Optional[int] = None,
+        task_spans: bool = False,
+        link: bool = False,
+        relay: bool = True,
+    ) -> None:
+        if max_tasks_per_child is None:
+            super().__init__(max_workers, mp_context, initializer, initargs)
+        elif sys.version_info < (3, 11):
+            raise TypeError("max_tasks_per_child needs Python 3.11 or newer")
+        else:
+            super().__init__(max_workers, mp_context, initializer, initargs,
+                             max_tasks_per_child=max_tasks_per_child)
+        self._propagate = Options(task_spans, link, relay)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
+        return super().submit(detached(fn, args, kwargs, self._propagate))

@@ -1,0 +1,299 @@
+"""Thread-affine span scopes: ``span()`` and the ``trace`` decorator.
+
+OpenTelemetry's ``detach(token)`` only works in the Context that attached: anywhere else
+it logs "Failed to detach context" and leaves the entering thread's current span stuck
+on a span that has ended (opentelemetry-python #2606). A `span` scope remembers the
+thread and Context that entered it, and an exit anywhere else is handled instead of
+attempted:
+
+* the span is ended exactly once, and never on another thread: when the exit happens on
+  another thread, the end time and error are recorded there and the span is ended on
+  the entering thread when that thread heals (below); if the entering thread has
+  already finished, it is ended at the exit;
+* the foreign context is not touched, nothing is logged, and a `CrossThreadExitWarning`
+  names both threads (and asyncio tasks);
+* **healing**: the entering Context still has the span as its current one. At its next
+  propagate call (entering or exiting a scope, ``submit``, ``wrap``, ``capture``,
+  ``to_thread``...) on the entering thread, in the entering Context, it is reset to what
+  it was before the span, provided the span's context is still the current one there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextvars
+import functools
+import inspect
+import threading
+import time
+import warnings
+from collections.abc import AsyncGenerator, Generator, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Callable, Optional, TypeVar, Union, overload
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from ._errors import CrossThreadExitWarning
+
+F = TypeVar("F", bound=Callable[..., Any])
+TRACER = otel_trace.get_tracer("propagate")
+
+_orphans: dict[int, list[_Scope]] = {}  # by entering thread: scopes exited elsewhere
+_orphans_lock = threading.Lock()
+
+
+def _where() -> str:
+    thread = threading.current_thread()
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        task = None
+    return f"thread {thread.name!r}" + (f", task {task.get_name()!r}" if task else "")
+
+
+def _reset(token: object) -> bool:
+    """Reset ``token`` if this is the Context that made it; never log, never raise."""
+    if isinstance(token, contextvars.Token):
+        try:
+            token.var.reset(token)
+        except ValueError:  # made in a different Context
+            return False
+        except RuntimeError:  # already used: someone else restored this Context
+            pass
+        return True
+    otel_context.detach(token)  # type: ignore[arg-type]  # a non-contextvars runtime
+    return True
+
+
+class _Scope:
+    __slots__ = ("span", "context", "token", "thread", "where", "end_time")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+        self.context = otel_trace.set_span_in_context(span)
+        self.token = otel_context.attach(self.context)
+        self.thread = threading.current_thread()
+        self.where = _where()
+        self.end_time: Optional[int] = None  # set while an end waits for the entering thread
+
+    def exit(self) -> None:
+        if _reset(self.token):
+            self.span.end()
+            return
+        here = _where()
+        warnings.warn(CrossThreadExitWarning(
+            f"span {getattr(self.span, 'name', '')!r} entered on {self.where} was exited on "
+            f"{here}; it is ended, and the entering context is restored at its next "
+            "propagate call"), stacklevel=4)
+        if threading.current_thread() is self.thread or not self.thread.is_alive():
+            self.span.end()
+        else:
+            self.end_time = time.time_ns()
+        with _orphans_lock:
+            _orphans.setdefault(self.thread.ident or 0, []).append(self)
+
+    def heal(self) -> bool:
+        """Restore the entering Context, if this is it and the span is still current there."""
+        if otel_context.get_current() is not self.context or not _reset(self.token):
+            return False
+        if self.end_time is not None:
+            self.span.end(end_time=self.end_time)
+            self.end_time = None
+        return True
+
+
+def heal() -> None:
+    """Heal this thread's Context from scopes that were exited elsewhere (see module doc)."""
+    if not _orphans:
+        return
+    ident = threading.get_ident()
+    with _orphans_lock:
+        scopes = _orphans.get(ident)
+        if not scopes:
+            return
+        scopes[:] = [scope for scope in reversed(scopes) if not scope.heal()][::-1]
+        if not scopes:
+            del _orphans[ident]
+
+
+@atexit.register
+def _end_abandoned() -> None:
+    """Spans whose entering thread never healed still end, at interpreter exit."""
+    with _orphans_lock:
+        for scopes in _orphans.values():
+            for scope in scopes:
+                if scope.end_time is not None:
+                    scope.span.end(end_time=scope.end_time)
+        _orphans.clear()
+
+
+class span:  # noqa: N801 - used like a function, as contextlib's context managers are
+    """Like ``tracer.start_as_current_span(name, **kwargs)``, but exiting elsewhere is safe.
+
+    Starts a span, makes it current, and remembers the thread and Context that entered
+    it. Exit there works as usual. Exit anywhere else ends the span exactly once (on the
+    entering thread, see the module documentation), touches nothing in the foreign
+    context, logs nothing, and warns with `CrossThreadExitWarning`; the entering Context
+    heals at its next propagate call. Keyword arguments are those of
+    ``Tracer.start_span``.
+    """
+
+    __slots__ = ("name", "kwargs", "_scope", "_record", "_set_status")
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+        self.kwargs = kwargs
+        self._scope: Optional[_Scope] = None
+
+    def __enter__(self) -> Span:
+        if self._scope is not None:
+            raise RuntimeError(f"span {self.name!r} is already entered; make a new span() scope")
+        heal()
+        kwargs = dict(self.kwargs)
+        self._record = kwargs.pop("record_exception", True)
+        self._set_status = kwargs.pop("set_status_on_exception", True)
+        self._scope = _Scope(TRACER.start_span(self.name, **kwargs))
+        return self._scope.span
+
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        scope, self._scope = self._scope, None
+        if scope is None:
+            raise RuntimeError(f"span {self.name!r} was exited without being entered")
+        if exc is not None and scope.span.is_recording():
+            if self._record:
+                scope.span.record_exception(exc)
+            if self._set_status:
+                scope.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        scope.exit()
+        heal()
+
+
+@contextmanager
+def _current(s: Span) -> Iterator[None]:
+    """``s`` current for one step of a generator: attached and detached right here."""
+    token = otel_context.attach(otel_trace.set_span_in_context(s))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        heal()
+        s = TRACER.start_span(name)
+        try:
+            gen = fn(*args, **kwargs)
+            method: Callable[[Any], Any] = gen.send
+            value: Any = None
+            while True:
+                try:
+                    with _current(s):
+                        item = method(value)
+                except StopIteration as stop:
+                    return stop.value
+                method, value = gen.send, None
+                try:
+                    value = yield item
+                except GeneratorExit:
+                    gen.close()
+                    raise
+                except BaseException as exc:  # thrown in by the consumer: pass it on
+                    method, value = gen.throw, exc
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                _fail(s, exc)
+            raise
+        finally:
+            s.end()
+
+    return traced
+
+
+def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]],
+                            name: str) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def traced(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+        heal()
+        s = TRACER.start_span(name)
+        try:
+            agen = fn(*args, **kwargs)
+            method: Callable[[Any], Any] = agen.asend
+            value: Any = None
+            while True:
+                try:
+                    with _current(s):
+                        item = await method(value)
+                except StopAsyncIteration:
+                    return
+                method, value = agen.asend, None
+                try:
+                    value = yield item
+                except GeneratorExit:
+                    await agen.aclose()
+                    raise
+                except BaseException as exc:  # thrown in by the consumer: pass it on
+                    method, value = agen.athrow, exc
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                _fail(s, exc)
+            raise
+        finally:
+            s.end()
+
+    return traced
+
+
+def _fail(s: Span, exc: BaseException) -> None:
+    if s.is_recording():
+        s.record_exception(exc)
+        s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def _decorate(fn: F, name: Optional[str]) -> F:
+    name = name or fn.__qualname__
+    if inspect.isasyncgenfunction(fn):
+        return _traced_async_generator(fn, name)  # type: ignore[return-value]
+    if inspect.isgeneratorfunction(fn):
+        return _traced_generator(fn, name)  # type: ignore[return-value]
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def traced_coroutine(*args: Any, **kwargs: Any) -> Any:
+            with span(name):
+                return await fn(*args, **kwargs)
+
+        return traced_coroutine  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with span(name):
+            return fn(*args, **kwargs)
+
+    return traced  # type: ignore[return-value]
+
+
+@overload
+def trace(fn: F, *, name: Optional[str] = None) -> F: ...
+@overload
+def trace(fn: None = None, *, name: Optional[str] = None) -> Callable[[F], F]: ...
+
+
+def trace(fn: Optional[F] = None, *, name: Optional[str] = None) -> Union[F, Callable[[F], F]]:
+    """Decorate a function, coroutine function, generator or async generator with a span.
+
+    The span is named after the function (its ``__qualname__``) unless ``name`` is given,
+    and is a child of the span current where the call starts running: traced coroutines
+    gathered together are siblings under the caller's span. A generator's span is
+    current only while the generator body runs, never across a ``yield``, so closing it
+    from another task or thread corrupts nothing; it ends when the generator finishes
+    or is closed, wherever that happens.
+    """
+    if fn is None:
+        return lambda f: _decorate(f, name)
+    return _decorate(fn, name)

@@ -1,0 +1,25 @@
+"""Switch points: where a context changes hands, and where `debug.jitter` widens races.
+
+``hook`` is None unless a jitter is active, so each point costs one global read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+hook: Optional[Callable[[str], None]] = None
+
+
+def point(name: str) -> None:
+    """Call at a switch point: ``capture``, ``attach``, ``detach``, ``task-start``, ``task-end``."""
+    if hook is not None:
+        hook(name)
+
+
+def around(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` between the ``task-start`` and ``task-end`` points."""
+    point("task-start")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        point("task-end")

@@ -1,0 +1,101 @@
+"""Threads that start in their creator's context: the pool, Thread, Timer and wrap."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextvars
+import functools
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+
+from ._executor import Options, in_snapshot
+from ._span import heal
+
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+
+T = TypeVar("T")
+
+
+class ThreadPoolExecutor(cf.ThreadPoolExecutor):
+    """Like `concurrent.futures.ThreadPoolExecutor`, but each task runs in the submitter's context.
+
+    ``submit`` takes a snapshot of the caller's context (every ContextVar, and with it
+    the current OpenTelemetry span and baggage) and the task runs in that snapshot.
+    Changes a task makes stay in its snapshot: they never reach the submitter, the next
+    task, or the worker thread. A worker thread created by one ``submit`` keeps no trace
+    of that submitter's context.
+
+    ``task_spans=True`` gives each task a span named after the callable, started and
+    ended on the worker thread, with ``thread.id``, ``thread.name`` and
+    ``propagate.queue_seconds``. ``link=True`` makes that span the root of a new trace,
+    linked to the submitter's span, for background work that must not stretch the
+    caller's trace.
+    """
+
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        thread_name_prefix: str = "",
+        initializer: Optional[Callable[..., object]] = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        task_spans: bool = False,
+        link: bool = False,
+    ) -> None:
+        super().__init__(max_workers, thread_name_prefix, initializer, initargs)
+        self._propagate = Options(task_spans, link)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
+        return super().submit(in_snapshot(fn, args, kwargs, self._propagate))
+
+
+class _StartsInSnapshot(threading.Thread):
+    def start(self) -> None:
+        """Start the thread; it runs in a copy of the context of the code calling ``start()``."""
+        heal()
+        run = self.run
+        snapshot = contextvars.copy_context()
+
+        def run_in_snapshot() -> None:
+            try:
+                snapshot.run(run)
+            finally:
+                del self.run  # the instance attribute set below: drop the snapshot with it
+
+        self.run = run_in_snapshot  # type: ignore[method-assign]
+        try:
+            super().start()
+        except BaseException:
+            del self.run
+            raise
+
+
+class Thread(_StartsInSnapshot):
+    """Like `threading.Thread`, but it runs in a copy of the context that calls ``start()``.
+
+    A subclass may override ``run`` as usual. Changes the thread makes to its context
+    never flow back to the starter.
+    """
+
+
+class Timer(_StartsInSnapshot, threading.Timer):
+    """Like `threading.Timer`, but the function runs in a copy of the context that calls ``start()``."""
+
+
+def wrap(fn: Callable[P, T]) -> Callable[P, T]:
+    """Like ``fn``, but bound to a snapshot of the current context.
+
+    Each call runs in its own fresh copy of that snapshot, so the wrapper may be called
+    from several threads at once, and calls never see each other's changes.
+    """
+    heal()
+    snapshot = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def in_snapshot(*args: P.args, **kwargs: P.kwargs) -> T:
+        return snapshot.copy().run(fn, *args, **kwargs)
+
+    return in_snapshot

@@ -1,0 +1,75 @@
+"""How a task crosses to another process: pickled in the submitting thread, at submit.
+
+Plain pickle first, because it is fast and is what the stdlib would do; cloudpickle only
+when plain pickle refuses (lambdas, closures, local functions, a registered ContextVar
+the function refers to). Failing here, before anything is queued, is the point: a task
+that cannot cross must fail at ``submit``, never later inside a worker.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from contextvars import ContextVar
+from typing import Any, Callable
+
+import cloudpickle
+from concurrent.futures.process import _process_chunk
+
+from . import _context
+from ._errors import ContextSerializationError, TaskSerializationError
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+    """cloudpickle, plus registered ContextVars by name (they cannot be pickled at all)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is ContextVar:
+            if _context.registered().get(obj.name) is not obj:
+                raise TypeError(
+                    f"ContextVar {obj.name!r} cannot cross to another process; "
+                    "register it with propagate.register(var) so it travels by name")
+            return _context.lookup, (obj.name,)
+        return super().reducer_override(obj)
+
+
+def _cloudpickle(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def dumps(fn: Callable[..., Any], payload: tuple[Any, ...], detached: _context.DetachedContext) -> bytes:
+    """Pickle a task's payload (which holds ``detached``), naming whatever cannot cross."""
+    try:
+        return pickle.dumps(payload, PROTOCOL)
+    except Exception:  # plain pickle refuses; cloudpickle may not
+        pass
+    for name, value in detached.values.items():
+        try:
+            _cloudpickle(value)
+        except Exception as exc:
+            raise ContextSerializationError(
+                f"registered ContextVar {name!r} holds {value!r}, which cannot be pickled "
+                f"for another process ({exc}); store something picklable in it, such as an id "
+                "instead of a connection, lock or client") from exc
+    try:
+        return _cloudpickle(payload)
+    except Exception as exc:
+        raise TaskSerializationError(
+            f"cannot pickle {describe(fn)} or its arguments for another process: {exc}") from exc
+
+
+def loads(blob: bytes) -> Any:
+    return pickle.loads(blob)
+
+
+def describe(fn: Callable[..., Any]) -> str:
+    """A callable's name as a span name and in messages: its qualified name."""
+    inner = getattr(fn, "func", fn)  # functools.partial
+    if inner is _process_chunk:  # ProcessPoolExecutor.map submits chunks of fn
+        return describe(fn.args[0])  # type: ignore[attr-defined]
+    name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None)
+    return name if isinstance(name, str) else type(inner).__qualname__

@@ -1,0 +1,79 @@
+"""Shared fixtures: one real SDK tracer provider for the session, cleared per test."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+START_METHODS = [m for m in ("fork", "forkserver", "spawn")
+                 if m in multiprocessing.get_all_start_methods()]
+
+
+class ThreadRecorder(SpanProcessor):
+    """Records the thread each span started and ended on (I4)."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, int] = {}
+        self.ended: dict[int, int] = {}
+
+    def on_start(self, span: Span, parent_context: object = None) -> None:
+        self.started[span.context.span_id] = threading.get_ident()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended[span.context.span_id] = threading.get_ident()
+
+    def clear(self) -> None:
+        self.started.clear()
+        self.ended.clear()
+
+
+EXPORTER = InMemorySpanExporter()
+THREADS = ThreadRecorder()
+PROVIDER = TracerProvider()
+PROVIDER.add_span_processor(THREADS)
+PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
+trace.set_tracer_provider(PROVIDER)
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """The session's in-memory exporter, empty at the start of the test."""
+    EXPORTER.clear()
+    THREADS.clear()
+    yield EXPORTER
+
+
+@pytest.fixture
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("tests")
+
+
+@pytest.fixture(autouse=True)
+def no_detach_failures(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """I4: nothing in any test logs "Failed to detach context"."""
+    caplog.set_level(logging.ERROR, logger="opentelemetry.context")
+    yield
+    failures = [r for r in caplog.records if "Failed to detach context" in r.getMessage()]
+    assert not failures, failures
+
+
+@pytest.fixture(autouse=True)
+def clean_context() -> Iterator[None]:
+    """Every test starts and ends with no current span."""
+    assert not trace.get_current_span().get_span_context().is_valid
+    yield
+    assert not trace.get_current_span().get_span_context().is_valid
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+    """Each available multiprocessing start method in turn."""
+    return multiprocessing.get_context(request.param)
