@@ -5,6 +5,7 @@ into thread pools, raw threads, process pools, ``run_in_executor``, DNS lookups 
 executors of distributed engines; span scopes are only exited where they were entered.
 """
 
+from ._asyncio import install, run_in_executor, to_thread
 from ._context import DetachedContext, capture, register
 from ._errors import (
     ContextSerializationError,
@@ -12,7 +13,6 @@ from ._errors import (
     PropagateError,
     TaskSerializationError,
 )
-from ._asyncio import install, run_in_executor, to_thread
 from ._executor import wrap_executor
 from ._process import ProcessPoolExecutor
 from ._span import span, trace

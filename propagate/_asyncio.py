@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ._executor import WrappedExecutor, detached, in_snapshot
 from ._process import ProcessPoolExecutor
@@ -22,7 +22,7 @@ _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecu
     weakref.WeakKeyDictionary())
 
 
-def _bind(executor: Optional[cf.Executor], fn: Callable[..., T], args: tuple[Any, ...],
+def _bind(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[Any, ...],
           kwargs: dict[str, Any]) -> Callable[[], T]:
     if isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)):
         return lambda: fn(*args, **kwargs)  # the executor's own submit carries the context
@@ -31,7 +31,7 @@ def _bind(executor: Optional[cf.Executor], fn: Callable[..., T], args: tuple[Any
     return detached(fn, args, kwargs)
 
 
-async def run_in_executor(executor: Optional[cf.Executor], fn: Callable[P, T], /,
+async def run_in_executor(executor: cf.Executor | None, fn: Callable[P, T], /,
                           *args: P.args, **kwargs: P.kwargs) -> T:
     """Like ``loop.run_in_executor``, but with keyword arguments, carrying the context.
 
@@ -45,8 +45,8 @@ async def run_in_executor(executor: Optional[cf.Executor], fn: Callable[P, T], /
     return await loop.run_in_executor(executor, _bind(executor, fn, args, kwargs))
 
 
-async def to_thread(fn: Callable[P, T], /, *args: P.args, executor: Optional[cf.Executor] = None,
-                    **kwargs: P.kwargs) -> T:
+async def to_thread(fn: Callable[..., T], /, *args: Any, executor: cf.Executor | None = None,
+                    **kwargs: Any) -> T:
     """Like `asyncio.to_thread`, but any executor may be given.
 
     Without ``executor`` it runs in the loop's default executor, in a snapshot of the
@@ -58,7 +58,7 @@ async def to_thread(fn: Callable[P, T], /, *args: P.args, executor: Optional[cf.
     return await loop.run_in_executor(executor, _bind(executor, fn, args, kwargs))
 
 
-def install(loop: Optional[asyncio.AbstractEventLoop] = None) -> ThreadPoolExecutor:
+def install(loop: asyncio.AbstractEventLoop | None = None) -> ThreadPoolExecutor:
     """Make a `propagate.ThreadPoolExecutor` the loop's default executor; return it.
 
     Then ``loop.run_in_executor(None, ...)`` and ``loop.getaddrinfo`` carry the caller's

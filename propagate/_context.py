@@ -12,10 +12,10 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from . import _otel, _switch
-from ._span import heal
+from ._span import heal, orphans
 
 T = TypeVar("T")
 
@@ -76,28 +76,31 @@ class DetachedContext:
     cancellation: changes made where it is attached never flow back.
     """
 
-    __slots__ = ("_identity", "_baggage", "_values")
+    __slots__ = ("_baggage", "_identity", "_values")
 
     def __init__(
         self,
-        identity: Optional[_otel.SpanIdentity] = None,
-        baggage: Optional[Mapping[str, object]] = None,
-        values: Optional[Mapping[str, object]] = None,
+        identity: _otel.SpanIdentity | None = None,
+        baggage: Mapping[str, object] | None = None,
+        values: Mapping[str, object] | None = None,
     ) -> None:
         self._identity = identity
         self._baggage = dict(baggage or {})
         self._values = dict(values or {})
 
     @property
-    def trace_id(self) -> Optional[int]:
+    def trace_id(self) -> int | None:
+        """The trace id of the captured span, or None when there was no current span."""
         return None if self._identity is None else self._identity[0]
 
     @property
-    def span_id(self) -> Optional[int]:
+    def span_id(self) -> int | None:
+        """The span id of the captured span: the remote parent of spans started under it."""
         return None if self._identity is None else self._identity[1]
 
     @property
     def baggage(self) -> Mapping[str, object]:
+        """The captured OpenTelemetry baggage."""
         return dict(self._baggage)
 
     @property
@@ -108,19 +111,11 @@ class DetachedContext:
     @contextmanager
     def attach(self) -> Iterator[DetachedContext]:
         """Make this context current on this thread; restore the previous one on exit."""
-        resets: list[tuple[ContextVar[Any], Token[Any]]] = []
-        token = _otel.attach(_otel.build(self._identity, self._baggage))
+        state = enter(self._identity, self._baggage, self._values)
         try:
-            for name, value in self._values.items():
-                var = lookup(name)
-                resets.append((var, var.set(value)))
-            _switch.point("attach")
             yield self
         finally:
-            _switch.point("detach")
-            for var, var_token in reversed(resets):
-                var.reset(var_token)
-            _otel.detach(token)
+            leave(state)
 
     def to_carrier(self) -> dict[str, str]:
         """W3C ``traceparent``/``tracestate``/``baggage`` headers, through the global propagator.
@@ -153,11 +148,44 @@ class DetachedContext:
 
 
 def capture() -> DetachedContext:
-    """The current context, detached: picklable, and safe to attach anywhere, any number of times."""
-    heal()
+    """The current context, detached: picklable, safe to attach anywhere, any number of times."""
+    return DetachedContext(*capture_fields())
+
+
+def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict[str, object]]:
+    """What `capture` holds, as plain values: identity, baggage, registered values."""
+    if orphans:
+        heal()
     values = {}
-    for name, var in registered().items():
+    for name, var in list(_registry.items()):
         value = var.get(_UNSET)
         if value is not _UNSET:
             values[name] = value
-    return DetachedContext(_otel.current_identity(), _otel.current_baggage(), values)
+    return _otel.current_identity(), _otel.current_baggage(), values
+
+
+_State = tuple[object, list[tuple[ContextVar[Any], Token[Any]]]]
+
+
+def enter(identity: _otel.SpanIdentity | None, baggage: Mapping[str, object],
+          values: Mapping[str, object]) -> _State:
+    """Make a detached context current on this thread; `leave` undoes it, on this thread."""
+    token = _otel.attach(_otel.build(identity, baggage))
+    resets = []
+    try:
+        for name, value in values.items():
+            var = lookup(name)
+            resets.append((var, var.set(value)))
+    except BaseException:
+        leave((token, resets))
+        raise
+    _switch.point("attach")
+    return token, resets
+
+
+def leave(state: _State) -> None:
+    _switch.point("detach")
+    token, resets = state
+    for var, var_token in reversed(resets):
+        var.reset(var_token)
+    _otel.detach(token)

@@ -16,4 +16,4 @@ class TaskSerializationError(PropagateError, TypeError):
 
 
 class CrossThreadExitWarning(RuntimeWarning):
-    """A `propagate.span` scope was exited on a thread or Context other than the one that entered it."""
+    """A `propagate.span` scope was exited on a thread or Context other than its entering one."""

@@ -21,10 +21,9 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
-from . import _context, _otel, _switch, _wire
-from ._span import heal
+from . import _context, _otel, _span, _switch, _wire
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -40,103 +39,135 @@ class Options(NamedTuple):
     task_spans: bool = False
     link: bool = False
     relay: bool = True
+    main_by_value: bool = False  # the workers' __main__ is not ours (Dask, loky): cloudpickle it
 
 
-class _Task(NamedTuple):
-    """What travels with a detached task besides the function and its arguments."""
-
-    span_name: Optional[str]  # None: no task span
-    submitted_ns: int
-    link: bool
-    origin: Optional[tuple[int, str]]  # the submitting process, when spans should come home
+PLAIN = Options()
 
 
-def in_snapshot(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
-                options: Options = Options()) -> Callable[[], T]:
-    """``fn(*args, **kwargs)`` bound to a snapshot of the current context."""
-    heal()
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # what to hand to submit()
+
+
+def bind_snapshot(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                  options: Options = PLAIN) -> Call:
+    """``fn(*args, **kwargs)`` bound to a snapshot of the current context, as a submit call."""
+    if _span.orphans:
+        _span.heal()
     snapshot = contextvars.copy_context()
+    if options is PLAIN and _switch.hook is None:  # the hot path: nothing but the snapshot
+        return snapshot.run, (fn, *args), kwargs
     name = _wire.describe(fn) if options.task_spans else None
     if _switch.hook is not None:
         _switch.point("capture")
         fn, args = _switch.around, (fn, *args)
     if name is None:
-        return functools.partial(snapshot.run, fn, *args, **kwargs)
-    task = _Task(name, time.time_ns(), options.link, None)
-    return functools.partial(snapshot.run, _run_task, task, fn, args, kwargs)
+        return snapshot.run, (fn, *args), kwargs
+    task = (name, time.time_ns(), options.link)
+    return snapshot.run, (_run_task, task, fn, args, kwargs), {}
 
 
-def detached(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
-             options: Options = Options()) -> Callable[[], T]:
-    """``fn(*args, **kwargs)`` pickled with a detached context: a callable to send anywhere.
+def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                  options: Options = PLAIN) -> Call:
+    """``fn(*args, **kwargs)`` pickled with a detached context, as a submit call.
 
     Raises `ContextSerializationError` or `TaskSerializationError` right here, in the
     caller, when something cannot cross.
     """
-    heal()
-    ctx = _context.capture()
+    identity, baggage, values = _context.capture_fields()
     _switch.point("capture")
-    name = _wire.describe(fn) if options.task_spans else None
-    task = _Task(name, time.time_ns(), options.link, _relay_origin() if options.relay else None)
-    blob = _wire.dumps(fn, (fn, args, kwargs, ctx, task), ctx)
-    return functools.partial(run_detached, blob)
+    task = (_wire.describe(fn) if options.task_spans else None, time.time_ns(), options.link)
+    origin = _relay_origin() if options.relay else None
+    payload = (fn, args, kwargs, identity, baggage, values, task, origin)
+    blob = _wire.dumps(fn, payload, values, options.main_by_value)
+    return run_detached, (blob,), {}
 
 
-def _relay_origin() -> Optional[tuple[int, str]]:
+def in_snapshot(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
+                options: Options = PLAIN) -> Callable[[], T]:
+    """``fn(*args, **kwargs)`` bound to a snapshot of the current context."""
+    call, call_args, call_kwargs = bind_snapshot(fn, args, kwargs, options)
+    return functools.partial(call, *call_args, **call_kwargs)
+
+
+def detached(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
+             options: Options = PLAIN) -> Callable[[], T]:
+    """``fn(*args, **kwargs)`` pickled with a detached context: a callable to send anywhere."""
+    call, call_args, _ = bind_detached(fn, args, kwargs, options)
+    return functools.partial(call, *call_args)
+
+
+_relay: Any = None  # propagate._relay, imported on first use: it needs opentelemetry-sdk
+
+
+def _relay_module() -> Any:
+    """propagate._relay, or False where opentelemetry-sdk is missing (a bare Dask worker)."""
+    global _relay
+    if _relay is None:
+        try:
+            from . import _relay as module
+        except ImportError:  # telemetry trouble never fails the task: run without the relay
+            _relay = False
+        else:
+            _relay = module
+    return _relay
+
+
+def _relay_origin() -> tuple[int, str] | None:
     if "opentelemetry.sdk.trace" not in sys.modules:  # no SDK, so no provider to relay to
         return None
-    from . import _relay
-
-    return _relay.here() if _relay.enabled() else None
+    relay = _relay_module()
+    return relay.here() if relay and relay.enabled() else None
 
 
 def _is_here(origin: tuple[int, str]) -> bool:
-    if origin[0] != os.getpid():
-        return False
-    from . import _relay
-
-    return origin == _relay.here()
+    return origin[0] == os.getpid() and origin == _relay_module().here()
 
 
 def run_detached(blob: bytes) -> Any:
-    """Run a task made by `detached`, in the worker: a fresh copy of the worker's context."""
-    fn, args, kwargs, ctx, task = _wire.loads(blob)
+    """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
+    fn, args, kwargs, identity, baggage, values, task, origin = _wire.loads(blob)
     if _switch.hook is not None:
         fn, args = _switch.around, (fn, *args)
-    return contextvars.copy_context().run(_run_attached, fn, args, kwargs, ctx, task)
+    return contextvars.copy_context().run(
+        _run_attached, fn, args, kwargs, identity, baggage, values, task, origin)
 
 
 def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                  ctx: _context.DetachedContext, task: _Task) -> Any:
-    origin = task.origin
-    if origin is None or _is_here(origin):  # same process: its spans are already home
-        with ctx.attach():
-            return _run_task(task, fn, args, kwargs)
-    from . import _relay
-
-    _relay.install()
-    batch = _relay.Batch()
+                  identity: _otel.SpanIdentity | None, baggage: dict[str, object],
+                  values: dict[str, object], task: tuple[Any, ...],
+                  origin: tuple[int, str] | None) -> Any:
+    relay: Any = None
+    batch: Any = None
+    if origin is not None and _relay_module() and not _is_here(origin):
+        relay = _relay_module()  # another process: bring its spans home
+        relay.install()
+        batch = relay.Batch()
+    state = _context.enter(identity, baggage, values)
     try:
-        with ctx.attach():
-            result = _run_task(task, fn, args, kwargs)
+        result = _run_task(task, fn, args, kwargs)
     except BaseException as exc:
-        _relay.stash(exc, origin, batch.close())
+        _context.leave(state)
+        if batch is not None:
+            relay.stash(exc, origin, batch.close())
         raise
-    return _relay.Reply(origin, batch.close(), result)
+    _context.leave(state)
+    if batch is None:
+        return result
+    return relay.reply(origin, batch.close(), result)
 
 
-def _run_task(task: _Task, fn: Callable[..., T], args: tuple[Any, ...],
+def _run_task(task: tuple[Any, ...], fn: Callable[..., T], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> T:
-    if task.span_name is None:
+    span_name, submitted_ns, link = task
+    if span_name is None:
         return fn(*args, **kwargs)
-    thread = threading.current_thread()
     attributes = {
         "thread.id": threading.get_native_id(),
-        "thread.name": thread.name,
+        "thread.name": threading.current_thread().name,
         "process.pid": os.getpid(),
-        "propagate.queue_seconds": max(0, time.time_ns() - task.submitted_ns) / 1e9,
+        "propagate.queue_seconds": max(0, time.time_ns() - submitted_ns) / 1e9,
     }
-    with _otel.task_span(task.span_name, task.link, attributes):
+    with _otel.task_span(span_name, link, attributes):
         return fn(*args, **kwargs)
 
 
@@ -151,28 +182,41 @@ class WrappedExecutor(cf.Executor):
     def __init__(self, executor: cf.Executor, options: Options) -> None:
         self.executor = executor
         self._options = options
-        self._bind = in_snapshot if isinstance(executor, cf.ThreadPoolExecutor) else detached
+        threads = isinstance(executor, cf.ThreadPoolExecutor)
+        self._bind = bind_snapshot if threads else bind_detached
+        # a process pool may fork workers in submit(): from an empty Context, as in _process
+        self._forks = isinstance(executor, cf.ProcessPoolExecutor)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        return self.executor.submit(self._bind(fn, args, kwargs, self._options))
+        call, call_args, call_kwargs = self._bind(fn, args, kwargs, self._options)
+        if self._forks:
+            return contextvars.Context().run(self.executor.submit, call, *call_args)
+        return self.executor.submit(call, *call_args, **call_kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if cancel_futures:
+            self.executor.shutdown(wait=wait, cancel_futures=True)
+        else:  # not every Executor takes cancel_futures (Dask's does not)
+            self.executor.shutdown(wait=wait)
 
     def __repr__(self) -> str:
         return f"<propagate.wrap_executor({self.executor!r})>"
 
 
-def wrap_executor(executor: cf.Executor, *, task_spans: bool = False,
-                  link: bool = False) -> cf.Executor:
+def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool = False,
+                  relay: bool = True) -> cf.Executor:
     """Like the given executor, but every task runs in the submitter's context.
 
     A thread pool runs each task in a snapshot of the submitter's context (every
     ContextVar crosses). Any other executor is assumed to pickle its work: tasks carry a
     `DetachedContext` (trace identity, baggage, registered ContextVars), and spans
     recorded by the worker come home through the relay. Changes made in a task never
-    flow back to the submitter.
+    flow back to the submitter. ``relay=False`` leaves the workers' own tracing alone.
+
+    Functions defined in ``__main__`` are pickled by value for executors other than the
+    stdlib's process pool, whose workers do not import the submitter's ``__main__``.
     """
     if not isinstance(executor, cf.Executor):
         raise TypeError(f"wrap_executor() takes a concurrent.futures.Executor, not {executor!r}")
-    return WrappedExecutor(executor, Options(task_spans, link))
+    stdlib_processes = isinstance(executor, cf.ProcessPoolExecutor)
+    return WrappedExecutor(executor, Options(task_spans, link, relay, not stdlib_processes))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -18,14 +18,14 @@ from opentelemetry import propagate as otel_propagate
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
 
-SpanIdentity = Tuple[int, int, int, Tuple[Tuple[str, str], ...]]
+SpanIdentity = tuple[int, int, int, tuple[tuple[str, str], ...]]
 Token = object
 
 TRACER = trace.get_tracer("propagate")
 _EMPTY: otel_context.Context = otel_context.Context()
 
 
-def current_identity() -> Optional[SpanIdentity]:
+def current_identity() -> SpanIdentity | None:
     """The current span's identity, or None when there is no valid current span."""
     sc = trace.get_current_span().get_span_context()
     if not sc.is_valid:
@@ -43,8 +43,25 @@ def span_context(identity: SpanIdentity) -> SpanContext:
                        trace_state=TraceState(list(state)))
 
 
-def build(identity: Optional[SpanIdentity], baggage: Mapping[str, object]) -> otel_context.Context:
+_last: tuple[object, otel_context.Context] = ((), _EMPTY)  # tasks of one request share one
+
+
+def build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel_context.Context:
     """An OpenTelemetry Context holding a remote parent and baggage, and nothing else."""
+    global _last
+    key = (identity, tuple(baggage.items()))
+    last_key, last = _last
+    try:
+        if key == last_key:
+            return last
+    except TypeError:  # an unhashable, uncomparable baggage value: build afresh
+        pass
+    ctx = _build(identity, baggage)
+    _last = (key, ctx)
+    return ctx
+
+
+def _build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel_context.Context:
     ctx = _EMPTY
     if identity is not None:
         ctx = trace.set_span_in_context(NonRecordingSpan(span_context(identity)), ctx)
@@ -61,13 +78,13 @@ def detach(token: Token) -> None:
     otel_context.detach(token)  # type: ignore[arg-type]
 
 
-def inject(identity: Optional[SpanIdentity], baggage: Mapping[str, object]) -> dict[str, str]:
+def inject(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> dict[str, str]:
     carrier: dict[str, str] = {}
     otel_propagate.inject(carrier, context=build(identity, baggage))
     return carrier
 
 
-def extract(carrier: Mapping[str, str]) -> tuple[Optional[SpanIdentity], dict[str, object]]:
+def extract(carrier: Mapping[str, str]) -> tuple[SpanIdentity | None, dict[str, object]]:
     """Read a carrier; anything malformed gives no parent rather than an exception."""
     try:
         ctx = otel_propagate.extract(dict(carrier))
@@ -88,7 +105,7 @@ def task_span(name: str, link: bool, attributes: Mapping[str, Any]) -> Iterator[
     With ``link`` the span is the root of a new trace, linked to the current span.
     """
     links: list[Link] = []
-    parent: Optional[otel_context.Context] = None
+    parent: otel_context.Context | None = None
     if link:
         parent = _EMPTY
         sc = trace.get_current_span().get_span_context()

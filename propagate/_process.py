@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextvars
 import sys
 from multiprocessing.context import BaseContext
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from ._executor import Options, detached
+from ._executor import Options, bind_detached
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -38,12 +39,12 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
 
     def __init__(
         self,
-        max_workers: Optional[int] = None,
-        mp_context: Optional[BaseContext] = None,
-        initializer: Optional[Callable[..., object]] = None,
+        max_workers: int | None = None,
+        mp_context: BaseContext | None = None,
+        initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         *,
-        max_tasks_per_child: Optional[int] = None,
+        max_tasks_per_child: int | None = None,
         task_spans: bool = False,
         link: bool = False,
         relay: bool = True,
@@ -58,4 +59,6 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
         self._propagate = Options(task_spans, link, relay)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        return super().submit(detached(fn, args, kwargs, self._propagate))
+        call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
+        # submit() may fork workers: from an empty Context, so they inherit nothing stale
+        return contextvars.Context().run(super().submit, call, *call_args)

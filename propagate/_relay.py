@@ -15,25 +15,34 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 from collections import deque
 from contextvars import ContextVar
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, ProxyTracerProvider, SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace import (
+    Link,
+    ProxyTracerProvider,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.status import Status, StatusCode
 
 log = logging.getLogger("propagate")
 
-Origin = Tuple[int, str]
+Origin = tuple[int, str]
+Source = tuple[str, int]
 _TOKEN = secrets.token_hex(8)  # inherited by a forked child, whose pid then differs
-_batch: ContextVar[Optional[list[tuple[Any, ...]]]] = ContextVar("propagate.relay.batch", default=None)
-_stray: deque[tuple[Any, ...]] = deque(maxlen=4096)  # ended outside any task; sent with the next batch
-_installed_in: Optional[int] = None
+_batch: ContextVar[list[tuple[Any, ...]] | None] = ContextVar("propagate.relay.batch", default=None)
+_stray: deque[tuple[Any, ...]] = deque(maxlen=4096)  # ended outside any task: sent with the next
+_installed_in: int | None = None
 _install_lock = threading.Lock()
 
 
@@ -62,6 +71,8 @@ _COLLECTOR = _Collector()
 def install() -> None:
     """Make this worker process record spans into the relay instead of exporting them."""
     global _installed_in
+    if _installed_in == os.getpid():
+        return
     with _install_lock:
         if _installed_in == os.getpid():
             return
@@ -89,26 +100,40 @@ class Batch:
     def close(self) -> list[tuple[Any, ...]]:
         _batch.set(None)
         while _stray:
-            self.spans.append(_stray.popleft())
+            try:
+                self.spans.append(_stray.popleft())
+            except IndexError:  # another task's batch took the last one
+                break
         return self.spans
+
+
+def reply(origin: Origin, spans: list[tuple[Any, ...]], result: Any) -> Any:
+    """What the task returns: its result, carrying its spans home if it has any."""
+    return Reply(origin, _source(), spans, result) if spans else result
+
+
+def _source() -> Source:
+    """Where spans were recorded: becomes ``host.name`` and ``process.pid`` of their resource."""
+    return (socket.gethostname(), os.getpid())
 
 
 class Reply:
     """A task's result with its spans; unpickles in the origin process as the bare result."""
 
-    __slots__ = ("origin", "spans", "result")
+    __slots__ = ("origin", "result", "source", "spans")
 
-    def __init__(self, origin: Origin, spans: list[tuple[Any, ...]], result: Any) -> None:
-        self.origin, self.spans, self.result = origin, spans, result
+    def __init__(self, origin: Origin, source: Source, spans: list[tuple[Any, ...]],
+                 result: Any) -> None:
+        self.origin, self.source, self.spans, self.result = origin, source, spans, result
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_arrive, (self.origin, os.getpid(), self.spans, self.result))
+        return (_arrive, (self.origin, self.source, self.spans, self.result))
 
 
-def _arrive(origin: Origin, pid: int, spans: list[tuple[Any, ...]], result: Any) -> Any:
+def _arrive(origin: Origin, source: Source, spans: list[tuple[Any, ...]], result: Any) -> Any:
     if origin != here():  # unpickled on the way (a Dask worker spilling it): keep carrying
-        return Reply(origin, spans, result)
-    deliver(pid, spans)
+        return Reply(origin, source, spans, result)
+    deliver(source, spans)
     return result
 
 
@@ -116,15 +141,15 @@ class _Spans:
     """Spans riding on a task's exception, under a key its unpickling sets back to None."""
 
     def __init__(self, origin: Origin, spans: list[tuple[Any, ...]]) -> None:
-        self.origin, self.spans = origin, spans
+        self.origin, self.source, self.spans = origin, _source(), spans
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_arrive_failed, (self.origin, os.getpid(), self.spans))
+        return (_arrive_failed, (self.origin, self.source, self.spans))
 
 
-def _arrive_failed(origin: Origin, pid: int, spans: list[tuple[Any, ...]]) -> None:
+def _arrive_failed(origin: Origin, source: Source, spans: list[tuple[Any, ...]]) -> None:
     if origin == here():
-        deliver(pid, spans)
+        deliver(source, spans)
 
 
 def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]]) -> None:
@@ -143,21 +168,23 @@ def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]]) -> N
                         "the exception's __dict__", type(exc).__qualname__)
 
 
-_resources: dict[tuple[int, int], Resource] = {}
+_resources: dict[tuple[int, Source], Resource] = {}
 
 
-def deliver(pid: int, spans: list[tuple[Any, ...]]) -> None:
+def deliver(source: Source, spans: list[tuple[Any, ...]]) -> None:
     """Hand relayed spans to the global provider's processors; never fail the task over it."""
     provider = trace.get_tracer_provider()
     if not spans or not isinstance(provider, TracerProvider):
         return
     try:
-        key = (id(provider.resource), pid)
+        key = (id(provider.resource), source)
         resource = _resources.get(key)
         if resource is None:
             if len(_resources) > 256:
                 _resources.clear()
-            resource = _resources[key] = provider.resource.merge(Resource({"process.pid": pid}))
+            host, pid = source
+            resource = _resources[key] = provider.resource.merge(
+                Resource({"host.name": host, "process.pid": pid}))
         processor = provider._active_span_processor
         for encoded in spans:
             processor.on_end(_decode(encoded, resource))
@@ -166,7 +193,8 @@ def deliver(pid: int, spans: list[tuple[Any, ...]]) -> None:
 
 
 def _identity(sc: SpanContext) -> tuple[Any, ...]:
-    return (sc.trace_id, sc.span_id, int(sc.trace_flags), tuple(sc.trace_state.items()), sc.is_remote)
+    state = tuple(sc.trace_state.items())
+    return (sc.trace_id, sc.span_id, int(sc.trace_flags), state, sc.is_remote)
 
 
 def _context(identity: tuple[Any, ...]) -> SpanContext:
@@ -179,7 +207,7 @@ def _encode(span: ReadableSpan) -> tuple[Any, ...]:
     scope = span.instrumentation_scope
     return (
         span.name,
-        _identity(span.context),  # type: ignore[arg-type]
+        _identity(span.context),
         None if span.parent is None else _identity(span.parent),
         span.kind.value,
         span.start_time,

@@ -25,13 +25,15 @@ import atexit
 import contextvars
 import functools
 import inspect
+import itertools
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import AsyncGenerator, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Callable, Optional, TypeVar, Union, overload
+from typing import Any, Callable, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -42,16 +44,18 @@ from ._errors import CrossThreadExitWarning
 F = TypeVar("F", bound=Callable[..., Any])
 TRACER = otel_trace.get_tracer("propagate")
 
-_orphans: dict[int, list[_Scope]] = {}  # by entering thread: scopes exited elsewhere
-_orphans_lock = threading.Lock()
+orphans: dict[int, list[_Scope]] = {}  # by entering thread: scopes exited elsewhere
+_lock = threading.Lock()
 
 
-def _where() -> str:
-    thread = threading.current_thread()
+def _current_task() -> asyncio.Task[Any] | None:
     try:
-        task = asyncio.current_task()
+        return asyncio.current_task()
     except RuntimeError:  # no running loop in this thread
-        task = None
+        return None
+
+
+def _describe(thread: threading.Thread, task: asyncio.Task[Any] | None) -> str:
     return f"thread {thread.name!r}" + (f", task {task.get_name()!r}" if task else "")
 
 
@@ -70,68 +74,93 @@ def _reset(token: object) -> bool:
 
 
 class _Scope:
-    __slots__ = ("span", "context", "token", "thread", "where", "end_time")
+    __slots__ = ("context", "end_time", "entered", "span", "task", "thread", "token")
 
     def __init__(self, span: Span) -> None:
         self.span = span
         self.context = otel_trace.set_span_in_context(span)
         self.token = otel_context.attach(self.context)
         self.thread = threading.current_thread()
-        self.where = _where()
-        self.end_time: Optional[int] = None  # set while an end waits for the entering thread
+        task = _current_task()
+        self.task = None if task is None else weakref.ref(task)
+        self.entered = next(_entered)
+        self.end_time: int | None = None  # set while an end waits for the entering thread
 
     def exit(self) -> None:
         if _reset(self.token):
             self.span.end()
             return
-        here = _where()
+        task = None if self.task is None else self.task()
         warnings.warn(CrossThreadExitWarning(
-            f"span {getattr(self.span, 'name', '')!r} entered on {self.where} was exited on "
-            f"{here}; it is ended, and the entering context is restored at its next "
-            "propagate call"), stacklevel=4)
-        if threading.current_thread() is self.thread or not self.thread.is_alive():
+            f"span {getattr(self.span, 'name', '')!r} entered on "
+            f"{_describe(self.thread, task)} was exited on "
+            f"{_describe(threading.current_thread(), _current_task())}; it is ended, and the "
+            "entering context is restored at its next propagate call"), stacklevel=4)
+        if threading.current_thread() is self.thread:
             self.span.end()
+        elif not self.thread.is_alive():  # nobody left to heal or end it
+            self.span.end()
+            return
         else:
             self.end_time = time.time_ns()
-        with _orphans_lock:
-            _orphans.setdefault(self.thread.ident or 0, []).append(self)
+        with _lock:
+            if not orphans:
+                atexit.register(_end_abandoned)  # after the SDK's own hook, so it runs first
+            orphans.setdefault(self.thread.ident or 0, []).append(self)
 
     def heal(self) -> bool:
         """Restore the entering Context, if this is it and the span is still current there."""
         if otel_context.get_current() is not self.context or not _reset(self.token):
+            return self.abandoned()
+        self.end()
+        return True
+
+    def abandoned(self) -> bool:
+        """Whether nothing can heal this scope any more: its entering task has finished."""
+        task = None if self.task is None else self.task()
+        if self.task is None or (task is not None and not task.done()):
             return False
+        self.end()
+        return True
+
+    def end(self) -> None:
         if self.end_time is not None:
             self.span.end(end_time=self.end_time)
             self.end_time = None
-        return True
+
+
+_entered = itertools.count()
 
 
 def heal() -> None:
     """Heal this thread's Context from scopes that were exited elsewhere (see module doc)."""
-    if not _orphans:
+    if not orphans:
         return
     ident = threading.get_ident()
-    with _orphans_lock:
-        scopes = _orphans.get(ident)
+    with _lock:
+        scopes = orphans.get(ident)
         if not scopes:
             return
-        scopes[:] = [scope for scope in reversed(scopes) if not scope.heal()][::-1]
+        healed = True
+        while healed and scopes:  # innermost first: an outer scope heals once inner ones have
+            scopes.sort(key=lambda scope: scope.entered, reverse=True)
+            kept = [scope for scope in scopes if not scope.heal()]
+            healed = len(kept) < len(scopes)
+            scopes[:] = kept
         if not scopes:
-            del _orphans[ident]
+            del orphans[ident]
 
 
-@atexit.register
 def _end_abandoned() -> None:
     """Spans whose entering thread never healed still end, at interpreter exit."""
-    with _orphans_lock:
-        for scopes in _orphans.values():
+    with _lock:
+        for scopes in orphans.values():
             for scope in scopes:
-                if scope.end_time is not None:
-                    scope.span.end(end_time=scope.end_time)
-        _orphans.clear()
+                scope.end()
+        orphans.clear()
 
 
-class span:  # noqa: N801 - used like a function, as contextlib's context managers are
+class span:
     """Like ``tracer.start_as_current_span(name, **kwargs)``, but exiting elsewhere is safe.
 
     Starts a span, makes it current, and remembers the thread and Context that entered
@@ -142,12 +171,12 @@ class span:  # noqa: N801 - used like a function, as contextlib's context manage
     ``Tracer.start_span``.
     """
 
-    __slots__ = ("name", "kwargs", "_scope", "_record", "_set_status")
+    __slots__ = ("_record", "_scope", "_set_status", "kwargs", "name")
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         self.name = name
         self.kwargs = kwargs
-        self._scope: Optional[_Scope] = None
+        self._scope: _Scope | None = None
 
     def __enter__(self) -> Span:
         if self._scope is not None:
@@ -159,8 +188,8 @@ class span:  # noqa: N801 - used like a function, as contextlib's context manage
         self._scope = _Scope(TRACER.start_span(self.name, **kwargs))
         return self._scope.span
 
-    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         scope, self._scope = self._scope, None
         if scope is None:
             raise RuntimeError(f"span {self.name!r} was exited without being entered")
@@ -256,7 +285,7 @@ def _fail(s: Span, exc: BaseException) -> None:
         s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
-def _decorate(fn: F, name: Optional[str]) -> F:
+def _decorate(fn: F, name: str | None) -> F:
     name = name or fn.__qualname__
     if inspect.isasyncgenfunction(fn):
         return _traced_async_generator(fn, name)  # type: ignore[return-value]
@@ -279,12 +308,12 @@ def _decorate(fn: F, name: Optional[str]) -> F:
 
 
 @overload
-def trace(fn: F, *, name: Optional[str] = None) -> F: ...
+def trace(fn: F, *, name: str | None = None) -> F: ...
 @overload
-def trace(fn: None = None, *, name: Optional[str] = None) -> Callable[[F], F]: ...
+def trace(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
 
 
-def trace(fn: Optional[F] = None, *, name: Optional[str] = None) -> Union[F, Callable[[F], F]]:
+def trace(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
     """Decorate a function, coroutine function, generator or async generator with a span.
 
     The span is named after the function (its ``__qualname__``) unless ``name`` is given,

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-hook: Optional[Callable[[str], None]] = None
+hook: Callable[[str], None] | None = None
 
 
 def point(name: str) -> None:

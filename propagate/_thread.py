@@ -6,9 +6,9 @@ import concurrent.futures as cf
 import contextvars
 import functools
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from ._executor import Options, in_snapshot
+from ._executor import Options, bind_snapshot
 from ._span import heal
 
 if TYPE_CHECKING:
@@ -37,9 +37,9 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
 
     def __init__(
         self,
-        max_workers: Optional[int] = None,
+        max_workers: int | None = None,
         thread_name_prefix: str = "",
-        initializer: Optional[Callable[..., object]] = None,
+        initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         *,
         task_spans: bool = False,
@@ -49,12 +49,15 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
         self._propagate = Options(task_spans, link)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        return super().submit(in_snapshot(fn, args, kwargs, self._propagate))
+        call, call_args, call_kwargs = bind_snapshot(fn, args, kwargs, self._propagate)
+        return super().submit(call, *call_args, **call_kwargs)
 
 
 class _StartsInSnapshot(threading.Thread):
     def start(self) -> None:
         """Start the thread; it runs in a copy of the context of the code calling ``start()``."""
+        if self.ident is not None:  # started already: let threading raise, touching nothing
+            super().start()
         heal()
         run = self.run
         snapshot = contextvars.copy_context()
@@ -63,13 +66,13 @@ class _StartsInSnapshot(threading.Thread):
             try:
                 snapshot.run(run)
             finally:
-                del self.run  # the instance attribute set below: drop the snapshot with it
+                self.__dict__.pop("run", None)  # set below: drop the snapshot with it
 
         self.run = run_in_snapshot  # type: ignore[method-assign]
         try:
             super().start()
         except BaseException:
-            del self.run
+            self.__dict__.pop("run", None)
             raise
 
 
@@ -82,7 +85,7 @@ class Thread(_StartsInSnapshot):
 
 
 class Timer(_StartsInSnapshot, threading.Timer):
-    """Like `threading.Timer`, but the function runs in a copy of the context that calls ``start()``."""
+    """Like `threading.Timer`, but it runs in a copy of the context that calls ``start()``."""
 
 
 def wrap(fn: Callable[P, T]) -> Callable[P, T]:

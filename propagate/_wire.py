@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Mapping
+from concurrent.futures.process import _process_chunk
 from contextvars import ContextVar
 from typing import Any, Callable
 
 import cloudpickle
-from concurrent.futures.process import _process_chunk
 
 from . import _context
 from ._errors import ContextSerializationError, TaskSerializationError
@@ -41,13 +42,21 @@ def _cloudpickle(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def dumps(fn: Callable[..., Any], payload: tuple[Any, ...], detached: _context.DetachedContext) -> bytes:
-    """Pickle a task's payload (which holds ``detached``), naming whatever cannot cross."""
+def dumps(fn: Callable[..., Any], payload: tuple[Any, ...], values: Mapping[str, object],
+          main_by_value: bool = False) -> bytes:
+    """Pickle a task's payload (which holds registered ``values``), naming what cannot cross.
+
+    ``main_by_value``: the workers do not run our ``__main__``, so anything plain pickle
+    would send by reference to it goes by value instead (as Dask itself does).
+    """
     try:
-        return pickle.dumps(payload, PROTOCOL)
+        blob = pickle.dumps(payload, PROTOCOL)
     except Exception:  # plain pickle refuses; cloudpickle may not
         pass
-    for name, value in detached.values.items():
+    else:
+        if not (main_by_value and b"__main__" in blob):
+            return blob
+    for name, value in values.items():
         try:
             _cloudpickle(value)
         except Exception as exc:

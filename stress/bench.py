@@ -1,0 +1,200 @@
+"""Paired benchmarks: propagate against the stdlib (and peers), side by side in one run.
+
+Each row alternates A and B round by round, so both see the same machine noise, and
+reports the per-task median of each and the median of the per-round ratios B/A.
+
+    python stress/bench.py            # every row, the full size
+    python stress/bench.py --quick    # small, for a smoke run
+    python stress/bench.py --json     # for machines
+    python stress/bench.py --only threads,span
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+
+import propagate  # noqa: E402
+
+trace.set_tracer_provider(TracerProvider())  # recording, exporting nowhere: the relay is on
+tracer = trace.get_tracer("bench")
+
+Timed = Callable[[int], float]  # runs n tasks, returns elapsed seconds
+
+
+def noop() -> None:
+    return None
+
+
+def paired(a: Timed, b: Timed, rounds: int, n: int) -> dict[str, float]:
+    """Alternate A and B ``rounds`` times, ``n`` tasks each; medians per task, median ratio."""
+    a(max(1, n // 10)), b(max(1, n // 10))  # warm up both
+    times_a, times_b, ratios = [], [], []
+    for i in range(rounds):
+        if i % 2:  # alternate which goes first, so neither always follows the other
+            tb, ta = b(n), a(n)
+        else:
+            ta, tb = a(n), b(n)
+        times_a.append(ta / n)
+        times_b.append(tb / n)
+        ratios.append(tb / ta)
+    return {"a_us": statistics.median(times_a) * 1e6, "b_us": statistics.median(times_b) * 1e6,
+            "ratio": statistics.median(ratios), "rounds": rounds, "tasks": n}
+
+
+def through(pool: cf.Executor, fn: Callable[[], Any] = noop) -> Timed:
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        futures = [pool.submit(fn) for _ in range(n)]
+        for f in futures:
+            f.result()
+        return time.perf_counter() - start
+
+    return run
+
+
+@contextmanager
+def pools(*made: cf.Executor) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for pool in made:
+            pool.shutdown()
+
+
+def bench_threads(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    std, ours = cf.ThreadPoolExecutor(4), propagate.ThreadPoolExecutor(4)
+    spans = propagate.ThreadPoolExecutor(4, task_spans=True)
+    rows = {}
+    with pools(std, ours, spans), tracer.start_as_current_span("bench"):
+        rows["threads"] = paired(through(std), through(ours), rounds, n)
+        rows["threads, task_spans=True"] = paired(through(std), through(spans), rounds, n)
+        peer = _threading_instrumentor()
+        if peer is not None:
+            rows["threads, otel threading instrumentor (peer)"] = paired(
+                through(std), _instrumented(peer, std), rounds, n)
+    return rows
+
+
+def _threading_instrumentor() -> Any:
+    try:
+        from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+    except Exception:  # not installed, or not importable with this opentelemetry
+        return None
+    return ThreadingInstrumentor()
+
+
+def _instrumented(instrumentor: Any, pool: cf.Executor) -> Timed:
+    def run(n: int) -> float:
+        instrumentor.instrument()
+        try:
+            return through(pool)(n)
+        finally:
+            instrumentor.uninstrument()
+
+    return run
+
+
+def bench_processes(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    std, relay = cf.ProcessPoolExecutor(2), propagate.ProcessPoolExecutor(2)
+    plain = propagate.ProcessPoolExecutor(2, relay=False)
+    with pools(std, relay, plain), tracer.start_as_current_span("bench"):
+        return {
+            "processes, relay on": paired(through(std), through(relay), rounds, n),
+            "processes, relay off": paired(through(std), through(plain), rounds, n),
+        }
+
+
+def bench_to_thread(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    def timed(to_thread: Callable[..., Any]) -> Timed:
+        def run(k: int) -> float:
+            async def go() -> float:
+                start = time.perf_counter()
+                for _ in range(k // 50):
+                    await asyncio.gather(*(to_thread(noop) for _ in range(50)))
+                return time.perf_counter() - start
+
+            return asyncio.run(go())
+
+        return run
+
+    with tracer.start_as_current_span("bench"):
+        return {"to_thread": paired(timed(asyncio.to_thread), timed(propagate.to_thread),
+                                    rounds, max(50, n // 50 * 50))}
+
+
+def bench_span(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    def timed(make: Callable[[str], Any]) -> Timed:
+        def run(k: int) -> float:
+            start = time.perf_counter()
+            for _ in range(k):
+                with make("s"):
+                    pass
+            return time.perf_counter() - start
+
+        return run
+
+    return {"span": paired(timed(tracer.start_as_current_span), timed(propagate.span),
+                           rounds, n * 5)}
+
+
+def bench_dns(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    from bench_dns import bench  # type: ignore[import-not-found]
+
+    return {"dns": dict(bench(rounds=rounds))}
+
+
+def bench_dask(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    from bench_dask import bench  # type: ignore[import-not-found]
+
+    return {"dask executor": dict(bench(rounds=rounds))}
+
+
+ROWS = {"threads": bench_threads, "processes": bench_processes, "to_thread": bench_to_thread,
+        "span": bench_span, "dns": bench_dns, "dask": bench_dask}
+TARGETS = {"threads": 1.03, "processes, relay on": 1.10, "to_thread": 1.05, "span": 1.10,
+           "dns": 1.10, "dask executor": 1.10}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few rounds, few tasks")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--only", default="", help="comma-separated rows: " + ", ".join(ROWS))
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    rounds, n = (5, 200) if args.quick else (21, 2000)
+    chosen = [r for r in args.only.split(",") if r] or list(ROWS)
+    results: dict[str, dict[str, float]] = {}
+    for name in chosen:
+        results.update(ROWS[name](rounds, n))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{'row':<46} {'A us/task':>10} {'B us/task':>10} {'B/A':>6} {'target':>7}")
+    for row, r in results.items():
+        target = TARGETS.get(row)
+        mark = "" if target is None else f"{target:>7.2f}" + (" !" if r["ratio"] > target else "")
+        print(f"{row:<46} {r['a_us']:>10.2f} {r['b_us']:>10.2f} {r['ratio']:>6.3f} {mark}")
+    print(f"\nA: the stdlib (or plain OpenTelemetry / plain Dask); B: propagate. "
+          f"{rounds} alternating rounds. Python {sys.version.split()[0]}, {os.cpu_count()} CPUs.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""propagate/_executor.py: wrap_executor and the one submit path it shares with the pools."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextvars
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import propagate
+
+WAIT = 60  # seconds: generous, process pools start slowly on a busy machine
+
+PLAIN: contextvars.ContextVar[str] = contextvars.ContextVar("test_executor.plain")
+REQUEST_ID: contextvars.ContextVar[str] = propagate.register(
+    contextvars.ContextVar("test_executor.request_id"))
+
+
+def by_name(exporter: InMemorySpanExporter, name: str) -> Any:
+    spans = [s for s in exporter.get_finished_spans() if s.name == name]
+    assert len(spans) == 1, [s.name for s in exporter.get_finished_spans()]
+    return spans[0]
+
+
+def in_worker() -> dict[str, Any]:
+    """What a task sees where it runs (module level, so plain pickle can send it)."""
+    with trace.get_tracer("tests").start_as_current_span("in-worker") as s:
+        parent = s.parent
+    sc = trace.get_current_span().get_span_context()
+    return {
+        "pid": os.getpid(),
+        "request_id": REQUEST_ID.get("unset"),
+        "plain": PLAIN.get("unset"),
+        "baggage": dict(baggage.get_all()),
+        "ids": (sc.trace_id, sc.span_id, sc.is_remote),
+        "span_parent": None if parent is None else (parent.trace_id, parent.span_id),
+    }
+
+
+def task_fn() -> int:
+    """A named task, for task span names."""
+    return os.getpid()
+
+
+# Thread pools: snapshots
+
+
+@pytest.fixture
+def wrapped_threads() -> Iterator[cf.Executor]:
+    with propagate.wrap_executor(cf.ThreadPoolExecutor(max_workers=2)) as executor:
+        yield executor
+
+
+def test_wrapped_thread_pool_carries_plain_contextvar(wrapped_threads):
+    """I1: a wrapped thread pool runs tasks in a snapshot: an unregistered ContextVar crosses."""
+    def body() -> str:
+        PLAIN.set("snapshot")
+        return wrapped_threads.submit(PLAIN.get).result(timeout=WAIT)
+
+    assert contextvars.copy_context().run(body) == "snapshot"
+
+
+def test_wrapped_thread_pool_carries_span(wrapped_threads, tracer):
+    """I1: a task in a wrapped thread pool sees the submitter's span as its current span."""
+    with tracer.start_as_current_span("submitter") as parent:
+        seen = wrapped_threads.submit(in_worker).result(timeout=WAIT)
+    sc = parent.get_span_context()
+    assert seen["ids"] == (sc.trace_id, sc.span_id, False)
+    assert seen["span_parent"] == (sc.trace_id, sc.span_id)
+
+
+def test_wrapped_thread_pool_changes_do_not_flow_back(wrapped_threads):
+    """I2: a ContextVar set in a wrapped thread pool's task is invisible to the submitter."""
+    def body() -> str:
+        PLAIN.set("submitter")
+        wrapped_threads.submit(PLAIN.set, "task").result(timeout=WAIT)
+        return PLAIN.get()
+
+    assert contextvars.copy_context().run(body) == "submitter"
+
+
+def test_wrapped_thread_pool_map(wrapped_threads):
+    """I1: the wrapper's map keeps input order and runs each call in the submitter's context."""
+    def body() -> list[str]:
+        PLAIN.set("mapped")
+        return list(wrapped_threads.map(lambda i: f"{PLAIN.get()}-{i}", range(5), timeout=WAIT))
+
+    assert contextvars.copy_context().run(body) == [f"mapped-{i}" for i in range(5)]
+
+
+def test_wrapper_shutdown_and_context_manager():
+    """Stdlib shape: shutdown and the with block of the wrapper shut the wrapped executor down."""
+    inner = cf.ThreadPoolExecutor(max_workers=1)
+    with propagate.wrap_executor(inner) as executor:
+        assert executor.submit(int, "7").result(timeout=WAIT) == 7
+    with pytest.raises(RuntimeError):
+        inner.submit(int)
+    with pytest.raises(RuntimeError):
+        executor.submit(int)
+
+    other = cf.ThreadPoolExecutor(max_workers=1)
+    wrapper = propagate.wrap_executor(other)
+    release = threading.Event()
+    running = wrapper.submit(release.wait, WAIT)
+    queued = wrapper.submit(int)
+    wrapper.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    other.shutdown(wait=True)
+    assert running.result(timeout=WAIT) is True
+    assert queued.cancelled()
+
+
+def test_wrapped_thread_pool_task_spans(exporter, tracer):
+    """I4: task_spans through the wrapper: a span per task, child of the submitter."""
+    executor = propagate.wrap_executor(cf.ThreadPoolExecutor(1), task_spans=True)
+    with executor, tracer.start_as_current_span("submitter") as parent:
+        executor.submit(task_fn).result(timeout=WAIT)
+    task = by_name(exporter, task_fn.__qualname__)
+    assert task.parent.span_id == parent.get_span_context().span_id
+    assert task.attributes["propagate.queue_seconds"] >= 0
+    assert task.attributes["thread.name"] != threading.current_thread().name
+
+
+def test_wrapped_thread_pool_link(exporter, tracer):
+    """I1: link through the wrapper: the task span starts a new trace linked to the submitter."""
+    executor = propagate.wrap_executor(cf.ThreadPoolExecutor(1), task_spans=True, link=True)
+    with executor, tracer.start_as_current_span("submitter") as parent:
+        executor.submit(task_fn).result(timeout=WAIT)
+    task = by_name(exporter, task_fn.__qualname__)
+    sc = parent.get_span_context()
+    assert task.parent is None
+    assert task.context.trace_id != sc.trace_id
+    assert [(link.context.trace_id, link.context.span_id) for link in task.links] == [
+        (sc.trace_id, sc.span_id)]
+
+
+# Process pools: detached contexts
+
+
+@pytest.fixture
+def wrapped_processes(mp_context) -> Iterator[cf.Executor]:
+    """A one-worker wrapped process pool whose worker already runs.
+
+    Under fork a worker is a copy of the thread that submitted first, ContextVars and all;
+    starting it here, before a test sets anything, keeps the test about what crosses.
+    """
+    with propagate.wrap_executor(cf.ProcessPoolExecutor(1, mp_context=mp_context)) as executor:
+        executor.submit(int).result(timeout=WAIT)
+        yield executor
+
+
+@pytest.fixture
+def submitter_context() -> Iterator[None]:
+    """A registered value, an unregistered one and baggage, set for the test only."""
+    tokens = REQUEST_ID.set("req-42"), PLAIN.set("plain")
+    bag = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+    yield
+    otel_context.detach(bag)
+    REQUEST_ID.reset(tokens[0])
+    PLAIN.reset(tokens[1])
+
+
+def test_wrapped_process_pool_detached_context(wrapped_processes, submitter_context, tracer,
+                                               exporter):
+    """I1: a wrapped process pool carries registered vars, baggage and parent, not plain vars."""
+    with tracer.start_as_current_span("submitter") as parent:
+        seen = wrapped_processes.submit(in_worker).result(timeout=WAIT)
+    sc = parent.get_span_context()
+    assert seen["pid"] != os.getpid()
+    assert seen["request_id"] == "req-42"
+    assert seen["plain"] == "unset"
+    assert seen["baggage"] == {"tenant": "acme"}
+    assert seen["ids"] == (sc.trace_id, sc.span_id, True)
+    assert seen["span_parent"] == (sc.trace_id, sc.span_id)
+    relayed = by_name(exporter, "in-worker")
+    assert relayed.parent.span_id == sc.span_id
+
+
+def test_wrapped_process_pool_lambda(wrapped_processes, submitter_context, tracer):
+    """I1: a lambda reaches a wrapped process pool through cloudpickle and reads registered vars."""
+    with tracer.start_as_current_span("submitter") as parent:
+        seen = wrapped_processes.submit(
+            lambda: (REQUEST_ID.get(), trace.get_current_span().get_span_context().span_id)
+        ).result(timeout=WAIT)
+        mapped = list(wrapped_processes.map(lambda i: f"{REQUEST_ID.get()}-{i}", range(3),
+                                            timeout=WAIT))
+    assert seen == ("req-42", parent.get_span_context().span_id)
+    assert mapped == ["req-42-0", "req-42-1", "req-42-2"]
+
+
+def test_wrapped_process_pool_task_spans(mp_context, exporter, tracer):
+    """I6: task_spans through a wrapped process pool: the task span comes home as a child."""
+    inner = cf.ProcessPoolExecutor(1, mp_context=mp_context)
+    executor = propagate.wrap_executor(inner, task_spans=True)
+    with executor, tracer.start_as_current_span("submitter") as parent:
+        pid = executor.submit(task_fn).result(timeout=WAIT)
+        task = by_name(exporter, task_fn.__qualname__)  # before the future resolved
+    assert task.parent.span_id == parent.get_span_context().span_id
+    assert task.attributes["process.pid"] == pid != os.getpid()
+    assert task.attributes["propagate.queue_seconds"] >= 0
+
+
+def test_wrapped_process_pool_link(mp_context, exporter, tracer):
+    """I1: link through a wrapped process pool: a new trace linked to the submitter's span."""
+    inner = cf.ProcessPoolExecutor(1, mp_context=mp_context)
+    executor = propagate.wrap_executor(inner, task_spans=True, link=True)
+    with executor, tracer.start_as_current_span("submitter") as parent:
+        executor.submit(task_fn).result(timeout=WAIT)
+    task = by_name(exporter, task_fn.__qualname__)
+    sc = parent.get_span_context()
+    assert task.parent is None
+    assert task.context.trace_id != sc.trace_id
+    assert [(link.context.trace_id, link.context.span_id) for link in task.links] == [
+        (sc.trace_id, sc.span_id)]
+
+
+def test_wrapped_process_pool_unpicklable_value_fails_at_submit():
+    """I7: an unpicklable registered value fails at submit, naming the variable, before queueing."""
+    inner = cf.ProcessPoolExecutor(1)
+    executor = propagate.wrap_executor(inner)
+    token = REQUEST_ID.set(threading.Lock())  # type: ignore[arg-type]
+    try:
+        with pytest.raises(propagate.ContextSerializationError, match=REQUEST_ID.name):
+            executor.submit(task_fn)
+    finally:
+        REQUEST_ID.reset(token)
+        executor.shutdown()
+    assert not inner._pending_work_items
+
+
+# Misuse
+
+
+@pytest.mark.parametrize("bad", [None, "executor", cf.Future, lambda fn: fn],
+                         ids=["None", "str", "class", "function"])
+def test_wrap_executor_refuses_non_executor(bad):
+    """I7: wrap_executor of anything but a concurrent.futures.Executor raises TypeError."""
+    with pytest.raises(TypeError, match="Executor"):
+        propagate.wrap_executor(bad)

@@ -1,0 +1,621 @@
+"""propagate._span: thread-affine span scopes and the trace decorator, on the real SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextvars
+import gc
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+import propagate
+
+from . import conftest
+
+TRACER = trace.get_tracer("tests")
+
+
+def span_id(span: Any) -> int:
+    return int(span.get_span_context().span_id)
+
+
+def finished(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    """The one finished span called ``name`` (ended exactly once)."""
+    [found] = [s for s in exporter.get_finished_spans() if s.name == name]
+    return found
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return None if span.parent is None else span.parent.span_id
+
+
+def assert_ended_where_started() -> None:
+    """Done when: every span started in these tests was ended on the thread that started it."""
+    assert conftest.THREADS.started
+    for sid, ident in conftest.THREADS.started.items():
+        assert conftest.THREADS.ended.get(sid) == ident, f"span {sid:016x}"
+
+
+def detach_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "Failed to detach context" in r.getMessage()]
+
+
+def double_ends(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "on an ended span" in r.getMessage()]
+
+
+def in_thread(fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` on a fresh stdlib thread (its own context) and return its result."""
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="exiter") as pool:
+        return pool.submit(fn, *args).result(timeout=10)
+
+
+# span(): like start_as_current_span
+
+
+def test_span_enters_and_exits_like_start_as_current_span(exporter: InMemorySpanExporter) -> None:
+    """I4: span() makes its span current inside, restores the previous one after, passes kwargs."""
+    with TRACER.start_as_current_span("outer") as outer:
+        with propagate.span("inner", attributes={"k": "v"}, kind=SpanKind.CLIENT) as inner:
+            assert trace.get_current_span() is inner
+            assert inner.is_recording()
+        assert trace.get_current_span() is outer
+        assert not inner.is_recording()
+    exported = finished(exporter, "inner")
+    assert exported.attributes == {"k": "v"}
+    assert exported.kind is SpanKind.CLIENT
+    assert parent_id(exported) == span_id(outer)
+    assert exported.status.status_code is StatusCode.UNSET
+    assert_ended_where_started()
+
+
+def test_span_records_exception(exporter: InMemorySpanExporter) -> None:
+    """I7: an exception in span() is recorded, sets status ERROR and reaches the caller as is."""
+    error = ValueError("boom")
+    with pytest.raises(ValueError) as info, propagate.span("failing"):
+        raise error
+    assert info.value is error
+    exported = finished(exporter, "failing")
+    assert exported.status.status_code is StatusCode.ERROR
+    assert exported.status.description == "ValueError: boom"
+    assert [e.name for e in exported.events] == ["exception"]
+    assert not trace.get_current_span().get_span_context().is_valid
+    assert_ended_where_started()
+
+
+def test_span_exception_options_pass_through(exporter: InMemorySpanExporter) -> None:
+    """record_exception and set_status_on_exception work as for start_as_current_span."""
+    quiet = propagate.span("quiet", record_exception=False, set_status_on_exception=False)
+    with pytest.raises(KeyError), quiet:
+        raise KeyError("k")
+    exported = finished(exporter, "quiet")
+    assert exported.events == ()
+    assert exported.status.status_code is StatusCode.UNSET
+
+
+def test_double_exit_raises() -> None:
+    """I4: exiting a span() scope twice is a RuntimeError, not a second end."""
+    scope = propagate.span("twice")
+    scope.__enter__()
+    scope.__exit__(None, None, None)
+    with pytest.raises(RuntimeError, match="exited without being entered"):
+        scope.__exit__(None, None, None)
+
+
+def test_double_enter_raises(exporter: InMemorySpanExporter) -> None:
+    """I4: entering the same span() object twice is a RuntimeError; the first scope is intact."""
+    scope = propagate.span("once")
+    with scope as first:
+        with pytest.raises(RuntimeError, match="already entered"):
+            scope.__enter__()
+        assert trace.get_current_span() is first
+    assert [s.name for s in exporter.get_finished_spans()] == ["once"]
+
+
+# I4: the hyper pattern, entered on the caller, exited on a blocking worker thread
+
+
+def test_plain_opentelemetry_cross_thread_exit_corrupts(exporter: InMemorySpanExporter,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Baseline for I4: plain OpenTelemetry logs "Failed to detach context", sticks the caller."""
+    def scenario() -> None:
+        scope = TRACER.start_as_current_span("dns")
+        dns = scope.__enter__()
+        in_thread(scope.__exit__, None, None, None)
+        assert detach_failures(caplog)
+        assert trace.get_current_span() is dns  # stuck on a span that has ended
+        assert not dns.is_recording()
+        with TRACER.start_as_current_span("later") as later:
+            assert later.parent is not None and later.parent.span_id == span_id(dns)
+        ended_on = conftest.THREADS.ended[span_id(dns)]
+        assert ended_on != threading.get_ident()
+
+    # a copy of the context, so the corruption stays out of the rest of the test
+    contextvars.copy_context().run(scenario)
+    caplog.clear()
+
+
+def test_cross_thread_exit_heals_on_entering_thread(exporter: InMemorySpanExporter,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """I4: a scope exited on another thread is ended once, on the entering thread, when it heals."""
+    here = threading.current_thread()
+    times: dict[str, int] = {}
+
+    def exit_elsewhere(scope: propagate.span) -> None:
+        times["before exit"] = time.time_ns()
+        scope.__exit__(None, None, None)
+        times["after exit"] = time.time_ns()
+
+    with TRACER.start_as_current_span("caller") as caller:
+        scope = propagate.span("dns")
+        dns = scope.__enter__()
+        with pytest.warns(propagate.CrossThreadExitWarning) as warned:
+            in_thread(exit_elsewhere, scope)
+        message = str(warned[0].message)
+        assert repr(here.name) in message and "'exiter_0'" in message
+        assert not exporter.get_finished_spans()  # not ended on the exiting thread
+        times["heal"] = time.time_ns()
+        propagate.capture()  # the entering thread's next propagate call heals it
+        assert trace.get_current_span() is caller
+        with TRACER.start_as_current_span("later") as later:
+            pass
+    dns_span = finished(exporter, "dns")
+    assert conftest.THREADS.ended[span_id(dns)] == here.ident
+    assert conftest.THREADS.started[span_id(dns)] == here.ident
+    assert dns_span.end_time is not None
+    assert times["before exit"] <= dns_span.end_time <= times["after exit"] <= times["heal"]
+    assert parent_id(finished(exporter, "later")) == span_id(caller)
+    assert span_id(later) != span_id(dns)
+    assert_ended_where_started()
+    assert not detach_failures(caplog) and not double_ends(caplog)
+
+
+def test_cross_thread_exit_heals_when_next_span_entered(exporter: InMemorySpanExporter) -> None:
+    """I4: entering the next propagate.span heals first: its parent is the caller's span."""
+    with TRACER.start_as_current_span("caller") as caller:
+        scope = propagate.span("dns")
+        dns = scope.__enter__()
+        with pytest.warns(propagate.CrossThreadExitWarning):
+            in_thread(scope.__exit__, None, None, None)
+        with propagate.span("next"):
+            pass
+        assert trace.get_current_span() is caller
+    assert parent_id(finished(exporter, "next")) == span_id(caller)
+    assert conftest.THREADS.ended[span_id(dns)] == threading.get_ident()
+    assert_ended_where_started()
+
+
+def test_cross_thread_exit_records_error(exporter: InMemorySpanExporter) -> None:
+    """I4: an exception passed to a foreign exit is recorded; the span still ends on heal."""
+    scope = propagate.span("dns")
+    scope.__enter__()
+    with pytest.warns(propagate.CrossThreadExitWarning):
+        in_thread(scope.__exit__, OSError, OSError("unreachable"), None)
+    propagate.capture()
+    exported = finished(exporter, "dns")
+    assert exported.status.status_code is StatusCode.ERROR
+    assert [e.name for e in exported.events] == ["exception"]
+    assert not trace.get_current_span().get_span_context().is_valid
+
+
+def test_heal_waits_until_span_is_current_again(exporter: InMemorySpanExporter) -> None:
+    """I4: healing only resets the entering Context while the exited span is its current one."""
+    with TRACER.start_as_current_span("caller") as caller:
+        scope = propagate.span("dns")
+        dns = scope.__enter__()
+        with pytest.warns(propagate.CrossThreadExitWarning):
+            in_thread(scope.__exit__, None, None, None)
+        with TRACER.start_as_current_span("inside") as inside:
+            propagate.capture()  # "dns" is not current here: leave this context alone
+            assert trace.get_current_span() is inside
+        assert trace.get_current_span() is dns
+        propagate.capture()
+        assert trace.get_current_span() is caller
+    assert len([s for s in exporter.get_finished_spans() if s.name == "dns"]) == 1
+    assert_ended_where_started()
+
+
+def test_nested_cross_thread_exits_heal_in_one_call(exporter: InMemorySpanExporter) -> None:
+    """I4: two nested scopes exited (inner first) on another thread both heal at the next call."""
+    with TRACER.start_as_current_span("caller") as caller:
+        outer, inner = propagate.span("outer"), propagate.span("inner")
+        outer.__enter__()
+        inner.__enter__()
+
+        def exit_both() -> None:
+            inner.__exit__(None, None, None)
+            outer.__exit__(None, None, None)
+
+        with pytest.warns(propagate.CrossThreadExitWarning):
+            in_thread(exit_both)
+        detached = propagate.capture()
+        assert detached.span_id == span_id(caller)
+        assert trace.get_current_span() is caller
+    assert {s.name for s in exporter.get_finished_spans()} == {"outer", "inner", "caller"}
+    assert_ended_where_started()
+
+
+def test_cross_thread_exit_after_entering_thread_finished(exporter: InMemorySpanExporter) -> None:
+    """I4: when the entering thread is gone, a foreign exit ends the span right there, once."""
+    scopes: list[propagate.span] = []
+
+    def enter() -> None:
+        scope = propagate.span("orphan")
+        scope.__enter__()
+        scopes.append(scope)
+
+    worker = threading.Thread(target=enter)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    with pytest.warns(propagate.CrossThreadExitWarning):
+        scopes[0].__exit__(None, None, None)
+    assert finished(exporter, "orphan").end_time is not None
+
+
+def test_cross_thread_exit_after_entering_thread_finished_holds_nothing(
+        exporter: InMemorySpanExporter) -> None:
+    """I5: a scope exited after its entering thread finished is not kept alive by propagate."""
+    scopes: list[propagate.span] = []
+    spans: list[trace.Span] = []
+
+    def enter() -> None:
+        scope = propagate.span("orphan")
+        spans.append(scope.__enter__())
+        scopes.append(scope)
+
+    worker = threading.Thread(target=enter)
+    worker.start()
+    worker.join(timeout=10)
+    with pytest.warns(propagate.CrossThreadExitWarning):
+        scopes[0].__exit__(None, None, None)
+    assert finished(exporter, "orphan")
+    ref = weakref.ref(spans[0])
+    del spans[:], scopes[:]
+    gc.collect()
+    assert ref() is None, [type(r) for r in gc.get_referrers(ref())]
+
+
+# I4 in asyncio: exited in another task's Context on the same thread
+
+
+def test_cross_task_exit_heals_in_entering_task(exporter: InMemorySpanExporter,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """I4: a scope exited by another task ends once, on its thread; the entering task heals."""
+    seen: dict[str, Any] = {}
+
+    async def entering(handoff: asyncio.Queue[propagate.span], done: asyncio.Event) -> None:
+        with TRACER.start_as_current_span("entering-task") as mine:
+            scope = propagate.span("dns")
+            seen["dns"] = scope.__enter__()
+            await handoff.put(scope)
+            await asyncio.wait_for(done.wait(), timeout=10)
+            assert trace.get_current_span() is seen["dns"]  # not yet healed
+            propagate.capture()
+            assert trace.get_current_span() is mine
+            with propagate.span("after") as after:
+                seen["after"] = after
+            seen["entering-task"] = mine
+
+    async def exiting(handoff: asyncio.Queue[propagate.span], done: asyncio.Event) -> None:
+        with TRACER.start_as_current_span("exiting-task") as mine:
+            scope = await asyncio.wait_for(handoff.get(), timeout=10)
+            with pytest.warns(propagate.CrossThreadExitWarning) as warned:
+                scope.__exit__(None, None, None)
+            seen["message"] = str(warned[0].message)
+            assert trace.get_current_span() is mine  # the foreign context is untouched
+            done.set()
+
+    async def main() -> None:
+        handoff: asyncio.Queue[propagate.span] = asyncio.Queue()
+        done = asyncio.Event()
+        await asyncio.gather(
+            asyncio.create_task(entering(handoff, done), name="enterer"),
+            asyncio.create_task(exiting(handoff, done), name="exiter"))
+
+    asyncio.run(main())
+    assert "'enterer'" in seen["message"] and "'exiter'" in seen["message"]
+    assert len([s for s in exporter.get_finished_spans() if s.name == "dns"]) == 1
+    assert parent_id(finished(exporter, "after")) == span_id(seen["entering-task"])
+    assert_ended_where_started()
+    assert not detach_failures(caplog) and not double_ends(caplog)
+
+
+def test_cross_thread_exit_from_executor_in_asyncio(exporter: InMemorySpanExporter) -> None:
+    """I4: hyper's pattern in asyncio: a scope exited in the default executor heals in its task."""
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        with TRACER.start_as_current_span("request") as request:
+            scope = propagate.span("dns")
+            dns = scope.__enter__()
+            with pytest.warns(propagate.CrossThreadExitWarning, match="task 'resolver'"):
+                await loop.run_in_executor(None, scope.__exit__, None, None, None)
+            await propagate.to_thread(int)  # the task's next propagate call heals it
+            assert trace.get_current_span() is request
+            with propagate.span("connect"):
+                pass
+            return span_id(request), span_id(dns)
+
+    async def resolver() -> tuple[int, int]:
+        return await asyncio.create_task(main(), name="resolver")
+
+    request_id, dns_id = asyncio.run(resolver())
+    assert conftest.THREADS.ended[dns_id] == conftest.THREADS.started[dns_id]
+    assert parent_id(finished(exporter, "connect")) == request_id
+    assert len([s for s in exporter.get_finished_spans() if s.name == "dns"]) == 1
+
+
+def test_cross_task_exit_after_entering_task_finished_holds_nothing(
+        exporter: InMemorySpanExporter) -> None:
+    """I5: a scope exited by another task, whose entering task then finished, is not kept alive."""
+    refs: list[weakref.ref[trace.Span]] = []
+
+    async def entering() -> propagate.span:
+        scope = propagate.span("dns")
+        refs.append(weakref.ref(scope.__enter__()))
+        return scope  # finishes without another propagate call
+
+    async def main() -> None:
+        scope = await asyncio.create_task(entering())
+        with pytest.warns(propagate.CrossThreadExitWarning):
+            scope.__exit__(None, None, None)
+
+    asyncio.run(main())
+    assert finished(exporter, "dns")
+    gc.collect()
+    assert refs[0]() is None, [type(r) for r in gc.get_referrers(refs[0]())]
+
+
+# trace: functions and coroutines
+
+
+def test_trace_sync_function_bare_and_named(exporter: InMemorySpanExporter) -> None:
+    """trace names the span after the function or name=, makes it current, and keeps the parent."""
+    @propagate.trace
+    def bare(x: int) -> Any:
+        return x, trace.get_current_span()
+
+    @propagate.trace(name="custom")
+    def named() -> Any:
+        return trace.get_current_span()
+
+    @propagate.trace()
+    def called() -> None:
+        pass
+
+    with TRACER.start_as_current_span("caller") as caller:
+        value, inside = bare(3)
+        named_inside = named()
+        called()
+        assert trace.get_current_span() is caller
+    assert value == 3
+    assert bare.__name__ == "bare"
+    assert finished(exporter, bare.__qualname__).context.span_id == span_id(inside)
+    assert finished(exporter, "custom").context.span_id == span_id(named_inside)
+    for s in exporter.get_finished_spans():
+        if s.name != "caller":
+            assert parent_id(s) == span_id(caller)
+    assert_ended_where_started()
+
+
+def test_trace_records_exception(exporter: InMemorySpanExporter) -> None:
+    """I7: a traced function's exception is recorded and reaches the caller unchanged."""
+    @propagate.trace(name="failing")
+    def failing() -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        failing()
+    assert finished(exporter, "failing").status.status_code is StatusCode.ERROR
+
+
+def test_traced_coroutines_gathered_are_siblings(exporter: InMemorySpanExporter) -> None:
+    """I4: five traced coroutines gathered under a caller span are five siblings."""
+    @propagate.trace(name="child")
+    async def child(i: int) -> int:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.001 * (5 - i))
+        return span_id(trace.get_current_span())
+
+    async def main() -> tuple[int, list[int]]:
+        with TRACER.start_as_current_span("caller") as caller:
+            ids = await asyncio.gather(*(child(i) for i in range(5)))
+            assert trace.get_current_span() is caller
+            return span_id(caller), ids
+
+    caller_id, ids = asyncio.run(main())
+    children = [s for s in exporter.get_finished_spans() if s.name == "child"]
+    assert len(children) == 5
+    assert sorted(s.context.span_id for s in children) == sorted(ids)
+    assert all(parent_id(s) == caller_id for s in children)
+    assert_ended_where_started()
+
+
+# trace: generators
+
+
+def test_traced_generator(exporter: InMemorySpanExporter) -> None:
+    """I4: a traced generator's span is current in its body only, never in the consumer."""
+    @propagate.trace(name="gen")
+    def gen(n: int) -> Generator[Any, Any, str]:
+        received = []
+        for _ in range(n):
+            received.append((yield trace.get_current_span()))
+        return f"received {received}"
+
+    with TRACER.start_as_current_span("consumer") as consumer:
+        g = gen(2)
+        inside = next(g)
+        assert trace.get_current_span() is consumer
+        assert g.send("a") is inside
+        assert trace.get_current_span() is consumer
+        with pytest.raises(StopIteration) as stop:
+            g.send("b")
+        assert stop.value.value == "received ['a', 'b']"
+    exported = finished(exporter, "gen")
+    assert exported.context.span_id == span_id(inside)
+    assert parent_id(exported) == span_id(consumer)
+    assert_ended_where_started()
+
+
+def test_traced_generator_throw(exporter: InMemorySpanExporter) -> None:
+    """throw() reaches the generator body; an uncaught one is recorded and propagates."""
+    @propagate.trace(name="gen")
+    def gen() -> Iterator[str]:
+        try:
+            yield "first"
+        except KeyError:
+            yield "caught"
+        yield "last"
+
+    g = gen()
+    assert next(g) == "first"
+    assert g.throw(KeyError("k")) == "caught"
+    assert not trace.get_current_span().get_span_context().is_valid
+    with pytest.raises(ValueError, match="uncaught"):
+        g.throw(ValueError("uncaught"))
+    exported = finished(exporter, "gen")
+    assert exported.status.status_code is StatusCode.ERROR
+    assert [e.attributes["exception.type"] for e in exported.events] == ["ValueError"]
+    assert_ended_where_started()
+
+
+def test_traced_generator_body_exception(exporter: InMemorySpanExporter) -> None:
+    """I7: an exception raised by the generator body is recorded and reaches the consumer."""
+    @propagate.trace(name="gen")
+    def gen() -> Iterator[int]:
+        yield 1
+        raise LookupError("body")
+
+    with pytest.raises(LookupError, match="body"):
+        list(gen())
+    assert finished(exporter, "gen").status.status_code is StatusCode.ERROR
+    assert_ended_where_started()
+
+
+def test_traced_generator_closed_on_another_thread(exporter: InMemorySpanExporter,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """I4: a traced generator closed on another thread logs nothing, corrupts nothing, ends once."""
+    closed: list[bool] = []
+
+    @propagate.trace(name="gen")
+    def gen() -> Iterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(True)
+
+    with TRACER.start_as_current_span("consumer") as consumer:
+        g = gen()
+        for _ in g:
+            break
+
+        def close_here() -> Any:
+            with TRACER.start_as_current_span("closer") as closer:
+                g.close()
+                return trace.get_current_span() is closer
+
+        assert in_thread(close_here)
+        assert trace.get_current_span() is consumer
+    assert closed == [True]
+    assert len([s for s in exporter.get_finished_spans() if s.name == "gen"]) == 1
+    assert not detach_failures(caplog) and not double_ends(caplog)
+
+
+def test_traced_async_generator(exporter: InMemorySpanExporter) -> None:
+    """I4: a traced async generator's span is current in its body only; asend, athrow pass."""
+    @propagate.trace(name="agen")
+    async def agen() -> AsyncIterator[Any]:
+        got = yield trace.get_current_span()
+        try:
+            yield got
+        except KeyError:
+            yield "caught"
+
+    async def main() -> tuple[int, int]:
+        with TRACER.start_as_current_span("consumer") as consumer:
+            a = agen()
+            inside = await a.__anext__()
+            assert trace.get_current_span() is consumer
+            assert await a.asend("sent") == "sent"
+            assert trace.get_current_span() is consumer
+            assert await a.athrow(KeyError("k")) == "caught"
+            with pytest.raises(StopAsyncIteration):
+                await a.__anext__()
+            return span_id(consumer), span_id(inside)
+
+    consumer_id, inside_id = asyncio.run(main())
+    exported = finished(exporter, "agen")
+    assert exported.context.span_id == inside_id
+    assert parent_id(exported) == consumer_id
+    assert exported.status.status_code is StatusCode.UNSET
+    assert_ended_where_started()
+
+
+def test_traced_async_generator_exception(exporter: InMemorySpanExporter) -> None:
+    """I7: an exception in a traced async generator's body is recorded and propagates."""
+    @propagate.trace(name="agen")
+    async def agen() -> AsyncIterator[int]:
+        yield 1
+        raise LookupError("body")
+
+    async def main() -> None:
+        with pytest.raises(LookupError, match="body"):
+            async for _ in agen():
+                pass
+
+    asyncio.run(main())
+    assert finished(exporter, "agen").status.status_code is StatusCode.ERROR
+    assert_ended_where_started()
+
+
+def test_traced_async_generator_closed_by_another_task(exporter: InMemorySpanExporter,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """I4: an async generator left in one task and closed in another logs, corrupts nothing."""
+    closed: list[bool] = []
+
+    @propagate.trace(name="agen")
+    async def agen() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(True)
+
+    async def consume(a: AsyncIterator[int]) -> None:
+        with TRACER.start_as_current_span("consumer") as consumer:
+            async for _ in a:
+                break
+            assert trace.get_current_span() is consumer
+            await asyncio.sleep(0.01)
+            assert trace.get_current_span() is consumer
+
+    async def close(a: Any) -> None:
+        with TRACER.start_as_current_span("closer") as closer:
+            await a.aclose()
+            assert trace.get_current_span() is closer
+
+    async def main() -> None:
+        a = agen()
+        consumer = asyncio.create_task(consume(a))
+        await asyncio.sleep(0)  # the consumer breaks out first
+        await asyncio.gather(consumer, asyncio.create_task(close(a)))
+        assert not trace.get_current_span().get_span_context().is_valid
+
+    asyncio.run(main())
+    assert closed == [True]
+    assert len([s for s in exporter.get_finished_spans() if s.name == "agen"]) == 1
+    assert not detach_failures(caplog) and not double_ends(caplog)
+    assert_ended_where_started()
