@@ -149,7 +149,9 @@ class DetachedContext:
 
 def capture() -> DetachedContext:
     """The current context, detached: picklable, safe to attach anywhere, any number of times."""
-    return DetachedContext(*capture_fields())
+    fields = capture_fields()
+    _switch.point("capture")
+    return DetachedContext(*fields)
 
 
 def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict[str, object]]:

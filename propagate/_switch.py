@@ -12,8 +12,9 @@ hook: Callable[[str], None] | None = None
 
 def point(name: str) -> None:
     """Call at a switch point: ``capture``, ``attach``, ``detach``, ``task-start``, ``task-end``."""
-    if hook is not None:
-        hook(name)
+    current = hook  # read once: a jitter may end between two reads
+    if current is not None:
+        current(name)
 
 
 def around(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

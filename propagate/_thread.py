@@ -8,6 +8,7 @@ import functools
 import threading
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from . import _switch
 from ._executor import Options, bind_snapshot
 from ._span import heal
 
@@ -58,13 +59,11 @@ class _StartsInSnapshot(threading.Thread):
         """Start the thread; it runs in a copy of the context of the code calling ``start()``."""
         if self.ident is not None:  # started already: let threading raise, touching nothing
             super().start()
-        heal()
-        run = self.run
-        snapshot = contextvars.copy_context()
+        call, args, kwargs = bind_snapshot(self.run, (), {})
 
         def run_in_snapshot() -> None:
             try:
-                snapshot.run(run)
+                call(*args, **kwargs)
             finally:
                 self.__dict__.pop("run", None)  # set below: drop the snapshot with it
 
@@ -96,9 +95,12 @@ def wrap(fn: Callable[P, T]) -> Callable[P, T]:
     """
     heal()
     snapshot = contextvars.copy_context()
+    _switch.point("capture")
 
     @functools.wraps(fn)
     def in_snapshot(*args: P.args, **kwargs: P.kwargs) -> T:
+        if _switch.hook is not None:
+            return snapshot.copy().run(_switch.around, fn, *args, **kwargs)  # type: ignore[no-any-return]
         return snapshot.copy().run(fn, *args, **kwargs)
 
     return in_snapshot
