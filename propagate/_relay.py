@@ -12,6 +12,7 @@ Needs opentelemetry-sdk; imported only when the relay is in use.
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import os
 import secrets
@@ -138,34 +139,45 @@ def _arrive(origin: Origin, source: Source, spans: list[tuple[Any, ...]], result
 
 
 class _Spans:
-    """Spans riding on a task's exception, under a key its unpickling sets back to None."""
+    """Spans riding on a task's exception; unpickles as the exception's own flag (see stash)."""
 
-    def __init__(self, origin: Origin, spans: list[tuple[Any, ...]]) -> None:
-        self.origin, self.source, self.spans = origin, _source(), spans
+    def __init__(self, origin: Origin, spans: list[tuple[Any, ...]], suppress: bool) -> None:
+        self.origin, self.source, self.spans, self.suppress = origin, _source(), spans, suppress
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_arrive_failed, (self.origin, self.source, self.spans))
+        return (_arrive_failed, (self.origin, self.source, self.spans, self.suppress))
 
 
-def _arrive_failed(origin: Origin, source: Source, spans: list[tuple[Any, ...]]) -> None:
+def _arrive_failed(origin: Origin, source: Source, spans: list[tuple[Any, ...]],
+                   suppress: bool) -> bool:
     if origin == here():
         deliver(source, spans)
+    return suppress
+
+
+_KEY = "__suppress_context__"
 
 
 def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]]) -> None:
     """Let ``exc`` carry ``spans`` home without changing its type, args or traceback.
 
-    ``BaseException.__reduce__`` pickles ``__dict__`` and ``__setstate__`` restores it
-    with setattr, so an entry under ``__traceback__`` is unpickled (delivering the spans)
-    and then assigned to the ``__traceback__`` descriptor as None: it leaves no trace.
+    Exceptions pickle their ``__dict__`` as state, and ``BaseException.__setstate__``
+    restores it with setattr (as tblib's reducers do). So an entry under the key
+    ``__suppress_context__`` is unpickled, delivering the spans, into the exception's own
+    ``__suppress_context__`` value, and then set through that attribute's descriptor: the
+    exception arrives as it left, with no extra attribute. In the worker the descriptor
+    hides the entry too.
     """
-    if spans:
-        exc.__dict__["__traceback__"] = _Spans(origin, spans)
-        state = exc.__reduce_ex__(2)
-        if not (len(state) > 2 and isinstance(state[2], dict) and "__traceback__" in state[2]):
-            del exc.__dict__["__traceback__"]
-            log.warning("spans of a failed task were not relayed: %s.__reduce__ drops "
-                        "the exception's __dict__", type(exc).__qualname__)
+    if not spans:
+        return
+    exc.__dict__[_KEY] = _Spans(origin, spans, exc.__suppress_context__)
+    reducer = copyreg.dispatch_table.get(type(exc))  # tblib registers exceptions here
+    state = reducer(exc) if reducer is not None else exc.__reduce_ex__(2)
+    if not (isinstance(state, tuple) and len(state) > 2 and isinstance(state[2], dict)
+            and _KEY in state[2]):
+        del exc.__dict__[_KEY]
+        log.warning("spans of a failed task were not relayed: %s.__reduce__ drops "
+                    "the exception's __dict__", type(exc).__qualname__)
 
 
 _resources: dict[tuple[int, Source], Resource] = {}

@@ -395,6 +395,21 @@ def _task_info(task: asyncio.Task[Any]) -> TaskInfo:
                     None if frame is None else frame.f_lineno, span)
 
 
+# -- doctor --------------------------------------------------------------------------------
+
+
+def doctor(file: TextIO | None = None) -> None:
+    """Like ``python -m propagate doctor``, but from inside this process.
+
+    Call it in your application, where the tracer provider, the propagators, the loop's
+    default executor and the registered ContextVars are the real ones, and paste the
+    output into a bug report. Prints to ``file`` (default: standard output).
+    """
+    from ._doctor import main
+
+    main(file)
+
+
 # -- logging -------------------------------------------------------------------------------
 
 
@@ -425,5 +440,5 @@ __all__ = [
     "Jitter", "jitter", "POINTS",
     "track_tasks", "task_tree", "print_task_tree",
     "live", "assert_quiescent", "Live", "Running", "ThreadInfo", "ProcessInfo", "TaskInfo",
-    "ContextFilter",
+    "ContextFilter", "doctor",
 ]

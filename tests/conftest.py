@@ -77,3 +77,18 @@ def clean_context() -> Iterator[None]:
 def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
     """Each available multiprocessing start method in turn."""
     return multiprocessing.get_context(request.param)
+
+
+def extra_state(exc: BaseException) -> dict[str, object]:
+    """An exception's ``vars()``, less the one entry the relay may leave under tblib.
+
+    The relay's spans ride in ``__dict__["__suppress_context__"]`` and unpickle into the
+    exception's own flag. Plain pickle restores that key through the attribute's
+    descriptor (nothing shows); tblib's reducer (installed by ``import distributed``)
+    assigns ``__dict__`` wholesale, so the entry stays visible, holding the flag as it
+    was in the worker (a bool; the caller's may differ: the stdlib sets ``__cause__``).
+    """
+    state = dict(vars(exc))
+    if isinstance(state.get("__suppress_context__"), bool):
+        del state["__suppress_context__"]
+    return state

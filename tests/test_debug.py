@@ -459,3 +459,17 @@ def test_context_filter_outside_spans_and_in_tasks() -> None:
     assert lines[1].startswith(f"INFO [{zeros} ") and lines[1].endswith(" -] in thread")
     assert lines[2] == f"INFO [{zeros} {me} {names[0]}] in task"
     assert len(lines) == 3
+
+
+def test_doctor_in_process_sees_this_process() -> None:
+    """doctor(): the in-process report names this session's SDK provider and registered vars."""
+    import contextvars
+    import io
+
+    name = "tests.test_debug.doctor_var"
+    propagate.register(contextvars.ContextVar(name))
+    out = io.StringIO()
+    debug.doctor(out)
+    assert "opentelemetry.sdk.trace.TracerProvider" in out.getvalue()
+    assert name in out.getvalue()
+    assert "relay available                   yes" in out.getvalue()

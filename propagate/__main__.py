@@ -1,0 +1,27 @@
+"""The command-line face: ``python -m propagate demo | doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m propagate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run one request and print its span tree")
+    demo.add_argument("--stdlib", action="store_true", help="use the stdlib's tools instead")
+    demo.add_argument("--json", action="store_true", help="print the spans as JSON")
+    commands.add_parser("doctor", help="print what a bug report needs")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from ._demo import main as demo_main
+
+        return demo_main(stdlib=args.stdlib, as_json_output=args.json)
+    from ._doctor import main as doctor_main
+
+    return doctor_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,516 @@
+"""Blocking DNS lookups off the event loop, with the caller's span: `Resolver`, `getaddrinfo`.
+
+``socket.getaddrinfo`` blocks, so asyncio runs it in a thread pool (``loop.getaddrinfo``,
+aiohttp's ``ThreadedResolver``), and the caller's span is lost there. hyper (Rust) kept a
+DNS span by entering the caller's span on the blocking thread and exiting it there; under
+per-task subscribers that panicked, and hyper deleted the span (hyper-util #134, #153,
+#179; hyper #3848, #3870). Here the caller's context crosses as a snapshot, nothing of the
+caller's is entered or exited on the lookup thread, and each lookup's own ``dns.lookup``
+span is started, made current and ended on the lookup thread.
+
+**The cap.** A `Resolver` holds at most ``max_pending`` lookups, running or queued. A
+lookup that finds every slot taken waits in line, first come first served: the async form
+without blocking the event loop, the blocking form on its own thread; the resolver's
+``timeout`` counts that wait. A lookup whose caller gave up (timeout, cancellation) cannot
+be stopped, so it keeps its slot until it finishes: callers that give up and retry never
+pile up work, and memory stays bounded by ``max_pending`` lookups plus the callers that are
+themselves waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures as cf
+import contextlib
+import errno
+import functools
+import os
+import socket
+import sys
+import threading
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from ._errors import PropagateError
+from ._thread import ThreadPoolExecutor
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from aiohttp.abc import AbstractResolver as _ResolverBase
+    from aiohttp.abc import ResolveResult
+    from opentelemetry.util.types import AttributeValue
+    from typing_extensions import Self, TypeAlias
+
+    Host: TypeAlias = Union[bytes, str, None]
+    Port: TypeAlias = Union[bytes, str, int, None]
+    # family, type, proto, canonname, sockaddr: what socket.getaddrinfo returns
+    AddrInfo: TypeAlias = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+    GetAddrInfo: TypeAlias = Callable[[Host, Port, int, int, int, int], Sequence[AddrInfo]]
+else:
+    _ResolverBase = object  # aiohttp is imported when an AiohttpResolver is made, not before
+
+__all__ = ["AiohttpResolver", "LookupTimeout", "Resolver", "getaddrinfo", "resolve"]
+
+T = TypeVar("T")
+_TRACER = trace.get_tracer("propagate.dns")
+
+
+if sys.version_info >= (3, 11):
+    class _AnyTimeout(TimeoutError):
+        """asyncio's and concurrent.futures' TimeoutError are the builtin one."""
+else:
+    class _AnyTimeout(asyncio.TimeoutError, cf.TimeoutError, TimeoutError):
+        """Three distinct TimeoutErrors before 3.11: be all of them, so every ``except`` works."""
+
+
+class LookupTimeout(PropagateError, _AnyTimeout):
+    """A lookup took longer than its resolver's ``timeout`` (waiting for a slot included).
+
+    A `TimeoutError` (an `OSError`, with ``errno.ETIMEDOUT``); on Python 3.9 and 3.10 also
+    an ``asyncio.TimeoutError`` and a ``concurrent.futures.TimeoutError``. The lookup itself
+    goes on, on its lookup thread, and its span ends there.
+    """
+
+
+class _Slots:
+    """``size`` slots for lookups running or queued, and a line of callers waiting for one.
+
+    A freed slot goes to the first caller in line, sync or async, so a caller cannot be
+    overtaken for ever by newcomers. Each caller in line is an *offer*: a callable that
+    hands it the slot and returns False if that caller is gone (its loop is closed).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._line: collections.deque[Callable[[], bool]] = collections.deque()
+        self._lock = threading.Lock()
+
+    @property
+    def taken(self) -> int:
+        return self.size - self._free
+
+    def give(self, _: object = None) -> None:
+        """Free a slot: hand it to the first caller in line still waiting, or count it free."""
+        while True:
+            with self._lock:
+                if not self._line:
+                    self._free += 1
+                    return
+                offer = self._line.popleft()  # the slot is that caller's from here on
+            if offer():  # outside the lock: waking a loop is a system call
+                return
+
+    def take_now(self) -> bool:
+        """Take a free slot if there is one and nobody is in line."""
+        with self._lock:
+            if self._free and not self._line:
+                self._free -= 1
+                return True
+            return False
+
+    def take(self, timeout: float | None) -> bool:
+        """Take a slot, blocking this thread for up to ``timeout``; False if none came."""
+        with self._lock:
+            if self._free and not self._line:
+                self._free -= 1
+                return True
+            turn = threading.Event()
+            offer = _wake(turn)
+            self._line.append(offer)
+        try:
+            turn.wait(timeout)
+        except BaseException:
+            if not self._leave(offer):
+                self.give()  # handed over as we were interrupted
+            raise
+        return not self._leave(offer)  # a slot that came as we gave up is kept
+
+    async def take_async(self, timeout: float | None) -> bool:
+        """Take a slot, not blocking the loop, for up to ``timeout``; False if none came."""
+        with self._lock:
+            if self._free and not self._line:
+                self._free -= 1
+                return True
+            loop = asyncio.get_running_loop()
+            turn: asyncio.Future[None] = loop.create_future()
+            offer = _schedule(loop, self._accept, turn)
+            self._line.append(offer)
+        try:
+            if timeout is None:
+                await turn
+            else:
+                await asyncio.wait((turn,), timeout=timeout)
+        except BaseException:  # cancelled
+            if self._withdraw(turn, offer):
+                self.give()
+            raise
+        return self._withdraw(turn, offer)
+
+    def _accept(self, turn: asyncio.Future[None]) -> None:
+        """On the waiter's loop: take the slot offered, or give it back if the waiter left."""
+        if turn.cancelled():
+            self.give()
+        else:
+            turn.set_result(None)
+
+    def _withdraw(self, turn: asyncio.Future[None], offer: Callable[[], bool]) -> bool:
+        """Stop waiting on a loop; True if the slot had already been accepted."""
+        if turn.cancel():  # not accepted: an offer still on its way gives the slot back
+            self._leave(offer)
+            return False
+        return True
+
+    def _leave(self, offer: Callable[[], bool]) -> bool:
+        """Step out of line; False if the offer was already made (the slot is ours)."""
+        with self._lock:
+            try:
+                self._line.remove(offer)
+            except ValueError:
+                return False
+            return True
+
+
+def _wake(turn: threading.Event) -> Callable[[], bool]:
+    def offer() -> bool:
+        turn.set()
+        return True
+
+    return offer
+
+
+def _schedule(loop: asyncio.AbstractEventLoop, accept: Callable[[asyncio.Future[None]], None],
+              turn: asyncio.Future[None]) -> Callable[[], bool]:
+    def offer() -> bool:
+        try:
+            loop.call_soon_threadsafe(accept, turn)
+        except RuntimeError:  # the loop is closed: that caller is gone
+            return False
+        return True
+
+    return offer
+
+
+def _settle(slots: _Slots, loop: asyncio.AbstractEventLoop, answer: asyncio.Future[T],
+            done: cf.Future[T]) -> None:
+    """A lookup's done callback: free its slot, then pass its outcome to the waiting loop."""
+    slots.give()
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for this
+        loop.call_soon_threadsafe(_copy, done, answer)
+
+
+def _copy(done: cf.Future[T], answer: asyncio.Future[T]) -> None:
+    if answer.cancelled():  # the caller timed out or was cancelled
+        return
+    exc = done.exception()
+    if exc is None:
+        answer.set_result(done.result())
+    else:
+        answer.set_exception(exc)
+
+
+def _lookup(getaddrinfo: GetAddrInfo, host: Host, port: Port, family: int, type: int,
+            proto: int, flags: int) -> list[AddrInfo]:
+    """On a lookup thread, in the caller's snapshot: the span is entered and exited here."""
+    span = _TRACER.start_span("dns.lookup", attributes=_question(host, port))
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        infos = list(getaddrinfo(host, port, family, type, proto, flags))
+        if span.is_recording():
+            span.set_attributes({
+                "dns.answer.count": len(infos),
+                "dns.answers": list(dict.fromkeys(str(info[4][0]) for info in infos)),
+            })
+        return infos
+    except BaseException as exc:
+        if span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{exc.__class__.__name__}: {exc}"))
+        raise
+    finally:
+        otel_context.detach(token)
+        span.end()
+
+
+def _question(host: Host, port: Port) -> dict[str, AttributeValue]:
+    attributes: dict[str, AttributeValue] = {
+        "thread.name": threading.current_thread().name,
+        "thread.id": threading.get_native_id(),
+    }
+    if host is not None:
+        name = host.decode("ascii", "replace") if isinstance(host, bytes) else host
+        attributes["dns.question.name"] = name
+    if port is not None:
+        service = port.decode("ascii", "replace") if isinstance(port, bytes) else port
+        numeric = isinstance(service, int) or service.isdigit()
+        attributes["server.port"] = int(service) if numeric else service
+    return attributes
+
+
+class Resolver:
+    """Like ``loop.getaddrinfo``, but in the caller's context, with a span, a timeout and a cap.
+
+    Lookups run on this resolver's own pool of ``max_workers`` threads, named
+    ``propagate-dns_N`` (by default as many as the stdlib's pools have), each in a
+    snapshot of the caller's context. Each lookup makes a ``dns.lookup`` span, a child of
+    the caller's span, started and ended on the lookup thread, with ``dns.question.name``,
+    ``server.port`` (the port asked about; a service name stays a string),
+    ``dns.answer.count`` (entries returned), ``dns.answers`` (distinct addresses),
+    ``thread.name`` and ``thread.id``; a failed lookup's span records the error and has
+    status ERROR. Errors reach the caller unchanged.
+
+    ``timeout`` (seconds, None for none) bounds each call, waiting for a slot included,
+    and raises `LookupTimeout`. At most ``max_pending`` lookups (default ``8 *
+    max_workers``) run or wait in the queue at once; further callers wait their turn (see
+    the module documentation). ``getaddrinfo`` is the blocking function to call, with
+    ``socket.getaddrinfo``'s signature. ``close()`` (or leaving a ``with`` block) stops
+    new lookups.
+    """
+
+    def __init__(self, max_workers: int | None = None, timeout: float | None = None,
+                 getaddrinfo: GetAddrInfo = socket.getaddrinfo, *,
+                 max_pending: int | None = None) -> None:
+        if max_workers is None:
+            max_workers = min(32, (os.cpu_count() or 1) + 4)  # the stdlib pools' default
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if max_pending is None:
+            max_pending = 8 * max_workers
+        if max_pending <= 0:
+            raise ValueError("max_pending must be greater than 0")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be None or greater than 0, not {timeout!r}")
+        if not callable(getaddrinfo):
+            raise TypeError(f"getaddrinfo must be callable, not {getaddrinfo!r}")
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self._getaddrinfo = getaddrinfo
+        self._slots = _Slots(max_pending)
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="propagate-dns")
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """The number of lookups running or queued now (at most ``max_pending``)."""
+        return self._slots.taken
+
+    async def getaddrinfo(self, host: Host, port: Port, family: int = 0, type: int = 0,
+                          proto: int = 0, flags: int = 0) -> list[AddrInfo]:
+        """Like ``loop.getaddrinfo``, but through this resolver, in the caller's context.
+
+        Cancelling the caller, or timing out, leaves the lookup running on its thread:
+        its span ends there when it finishes.
+        """
+        self._check_open()
+        deadline = self._deadline()
+        if not (self._slots.take_now() or await self._slots.take_async(self._left(deadline))):
+            raise self._no_slot(host)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[AddrInfo]] = loop.create_future()
+        # cancelling ``answer`` (the caller gave up) leaves the lookup alone
+        self._submit((host, port, family, type, proto, flags),
+                     functools.partial(_settle, self._slots, loop, answer))
+        if deadline is None:
+            return await answer  # cancelling the caller cancels ``answer`` only
+        try:
+            await asyncio.wait((answer,), timeout=self._left(deadline))
+        finally:
+            timed_out = answer.cancel()  # a no-op once answered
+        if timed_out:
+            raise self._too_long(host)
+        return answer.result()
+
+    def resolve(self, host: Host, port: Port, family: int = 0, type: int = 0, proto: int = 0,
+                flags: int = 0) -> list[AddrInfo]:
+        """Like ``socket.getaddrinfo``, but through this resolver: the blocking form.
+
+        Blocks the calling thread while waiting for a slot and for the answer; do not
+        call it on an event loop.
+        """
+        self._check_open()
+        deadline = self._deadline()
+        if not self._slots.take(self._left(deadline)):
+            raise self._no_slot(host)
+        future = self._submit((host, port, family, type, proto, flags), self._slots.give)
+        if deadline is None:
+            return future.result()
+        done, _ = cf.wait((future,), self._left(deadline))
+        if not done:
+            raise self._too_long(host)
+        return future.result()
+
+    def close(self, wait: bool = True) -> None:
+        """Refuse new lookups; those running or queued still finish (``wait``: block until then)."""
+        self._closed = True
+        self._pool.shutdown(wait=wait)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.pending}/{self.max_pending} pending"
+        return f"<propagate.dns.Resolver {state}, timeout={self.timeout!r}>"
+
+    def _submit(self, question: tuple[Host, Port, int, int, int, int],
+                done: Callable[[cf.Future[list[AddrInfo]]], object]) -> cf.Future[list[AddrInfo]]:
+        """Queue a lookup for a slot already taken; ``done`` must give the slot back."""
+        try:
+            self._check_open()
+            future = self._pool.submit(_lookup, self._getaddrinfo, *question)
+        except BaseException:
+            self._slots.give()
+            raise
+        future.add_done_callback(done)
+        return future
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"cannot resolve after close(): {self!r}")
+
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _too_long(self, host: Host) -> LookupTimeout:
+        return LookupTimeout(errno.ETIMEDOUT,
+                             f"lookup of {host!r} took longer than {self.timeout} s")
+
+    def _no_slot(self, host: Host) -> LookupTimeout:
+        return LookupTimeout(errno.ETIMEDOUT, f"lookup of {host!r} waited {self.timeout} s for "
+                             f"one of {self.max_pending} slots, all taken by slower lookups")
+
+
+_default: Resolver | None = None
+_default_lock = threading.Lock()
+
+
+def _default_resolver() -> Resolver:
+    """The module's resolver, made on first use and closed at interpreter exit."""
+    global _default
+    resolver = _default
+    if resolver is None:
+        with _default_lock:
+            resolver = _default
+            if resolver is None:
+                resolver = _default = Resolver()
+    return resolver
+
+
+@atexit.register
+def _close_default() -> None:
+    global _default
+    resolver, _default = _default, None
+    if resolver is not None:
+        resolver.close(wait=False)
+
+
+def _forget_default() -> None:
+    """In a forked child: the parent's lookup threads do not exist here, so start afresh."""
+    global _default, _default_lock
+    _default, _default_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_default)
+
+
+async def getaddrinfo(host: Host, port: Port, family: int = 0, type: int = 0, proto: int = 0,
+                      flags: int = 0) -> list[AddrInfo]:
+    """Like ``loop.getaddrinfo``, but in the caller's context, with a ``dns.lookup`` span.
+
+    Uses the module's default `Resolver`, made on first use and closed at exit.
+    """
+    return await _default_resolver().getaddrinfo(host, port, family, type, proto, flags)
+
+
+def resolve(host: Host, port: Port, family: int = 0, type: int = 0, proto: int = 0,
+            flags: int = 0) -> list[AddrInfo]:
+    """Like ``socket.getaddrinfo``, but on a lookup thread with a ``dns.lookup`` span.
+
+    Uses the module's default `Resolver`, made on first use and closed at exit.
+    """
+    return _default_resolver().resolve(host, port, family, type, proto, flags)
+
+
+# aiohttp: what ThreadedResolver asks for and returns
+_NUMERIC_SOCKET_FLAGS = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+_NAME_SOCKET_FLAGS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+_AI_ADDRCONFIG = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", ~0)
+
+
+class AiohttpResolver(_ResolverBase):
+    """Like aiohttp's ``ThreadedResolver``, but each lookup goes through a `Resolver`.
+
+    ``aiohttp.TCPConnector(resolver=propagate.dns.AiohttpResolver())`` puts each
+    ``dns.lookup`` span under the span current where the request was made. The answers,
+    their order and the errors are ``ThreadedResolver``'s: a failed lookup raises the
+    ``socket.gaierror`` (an ``OSError``, which aiohttp reports as a connection error), and
+    a timeout `LookupTimeout`, also an ``OSError``.
+
+    ``resolver`` is the `Resolver` to use, by default the module's. ``close()`` closes
+    neither: whoever made a `Resolver` closes it. Needs the ``aiohttp`` extra
+    (``pip install 'propagate[aiohttp]'``); aiohttp is imported when an instance is made,
+    and the class is then registered as an ``aiohttp.abc.AbstractResolver``.
+    """
+
+    def __init__(self, resolver: Resolver | None = None) -> None:
+        _register_with_aiohttp()
+        self.resolver = resolver
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        """Like ``ThreadedResolver.resolve``: the host's addresses, as aiohttp wants them."""
+        resolver = self.resolver or _default_resolver()
+        try:
+            infos = await resolver.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
+                                               _AI_ADDRCONFIG)
+        except socket.gaierror:
+            if not _is_windows_localhost(host):
+                raise
+            infos = await resolver.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, 0)
+        return [r for r in (_aiohttp_result(host, info) for info in infos) if r is not None]
+
+    async def close(self) -> None:
+        """Do nothing, as ``ThreadedResolver.close``: the `Resolver` belongs to its maker."""
+
+
+def _is_windows_localhost(host: str) -> bool:
+    return sys.platform == "win32" and host.rstrip(".").casefold() == "localhost"
+
+
+def _aiohttp_result(host: str, info: AddrInfo) -> ResolveResult | None:
+    family, _, proto, _, address = info
+    if family == socket.AF_INET6 and len(address) < 3:
+        return None  # IPv6 not supported by this Python build, or not enabled on the host
+    if family == socket.AF_INET6 and address[3]:
+        # link-local: the scope id belongs in the host; numeric flags, so this never blocks
+        resolved, service = socket.getnameinfo(address, _NAME_SOCKET_FLAGS)
+        resolved_port = int(service)
+    else:
+        resolved, resolved_port = address[0], address[1]
+    return {"hostname": host, "host": resolved, "port": resolved_port, "family": family,
+            "proto": proto, "flags": _NUMERIC_SOCKET_FLAGS}
+
+
+def _register_with_aiohttp() -> None:
+    try:
+        from aiohttp.abc import AbstractResolver
+    except ImportError as exc:
+        raise ImportError("propagate.dns.AiohttpResolver needs aiohttp: "
+                          "pip install 'propagate[aiohttp]'") from exc
+    AbstractResolver.register(AiohttpResolver)

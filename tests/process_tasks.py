@@ -1,0 +1,163 @@
+"""Task functions for the process pool tests, importable by spawn and forkserver workers.
+
+Each returns plain values describing what the worker saw, so a test can compare them
+with the submitter's context. Kept light: no pytest, no conftest, in the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from opentelemetry import baggage, context, trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+import propagate
+
+REQUEST_ID: ContextVar[str] = propagate.register(
+    ContextVar("tests.process_tasks.request_id", default="unset"))
+UNREGISTERED: ContextVar[str] = ContextVar("tests.process_tasks.unregistered", default="default")
+WAIT_SECONDS = 60.0
+
+_initialized: str | None = None
+
+
+class TaskError(Exception):
+    """The user's own exception type, raised in a worker."""
+
+
+class TblibError(Exception):
+    """An exception the worker pickles with tblib, as it would after ``import distributed``."""
+
+
+def observe() -> dict[str, Any]:
+    """What of the submitter's context the worker sees."""
+    sc = trace.get_current_span().get_span_context()
+    return {
+        "pid": os.getpid(),
+        "trace_id": sc.trace_id,
+        "span_id": sc.span_id,
+        "is_remote": sc.is_remote,
+        "baggage": dict(baggage.get_all()),
+        "request_id": REQUEST_ID.get(),
+        "unregistered": UNREGISTERED.get(),
+        "thread_id": threading.get_native_id(),
+        "thread_name": threading.current_thread().name,
+    }
+
+
+def record_spans(*names: str) -> dict[str, Any]:
+    """Start nested spans, one per name, and return their ids as the worker saw them."""
+    tracer = trace.get_tracer("tests.process_tasks")
+    spans: list[tuple[str, int, int, int | None]] = []
+
+    def nest(rest: tuple[str, ...]) -> None:
+        if not rest:
+            return
+        with tracer.start_as_current_span(rest[0]) as span:
+            span.set_attribute("task.depth", len(spans))
+            sc = span.get_span_context()
+            parent = getattr(span, "parent", None)  # None on a non-recording span
+            parent_id = None if parent is None else parent.span_id
+            spans.append((rest[0], sc.trace_id, sc.span_id, parent_id))
+            nest(rest[1:])
+
+    nest(names)
+    return {"pid": os.getpid(), "spans": spans}
+
+
+def exported_here(name: str) -> int:
+    """Record a span, and count how many of that name this worker exported itself.
+
+    Only a forked worker has the test session's exporter (a copy of it, inherited).
+    """
+    with trace.get_tracer("tests.process_tasks").start_as_current_span(name):
+        pass
+    conftest = sys.modules.get("tests.conftest")
+    if conftest is None:
+        return 0
+    return sum(1 for s in conftest.EXPORTER.get_finished_spans() if s.name == name)
+
+
+def fail_after_span(name: str) -> None:
+    """Record a span, then raise the user's own exception."""
+    with trace.get_tracer("tests.process_tasks").start_as_current_span(name):
+        pass
+    raise TaskError("boom", 42)
+
+
+def fail_pickled_by_tblib(name: str) -> None:
+    """Like `fail_after_span`, in a worker where tblib pickles the exception."""
+    from tblib import pickling_support
+
+    pickling_support.install(TblibError)
+    with trace.get_tracer("tests.process_tasks").start_as_current_span(name):
+        pass
+    raise TblibError("boom", 42)
+
+
+def leak() -> dict[str, Any]:
+    """Set everything a task could leak, and reset nothing."""
+    REQUEST_ID.set("leaked")
+    UNREGISTERED.set("leaked")
+    stray = NonRecordingSpan(SpanContext(0x1234, 0x5678, is_remote=False,
+                                         trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+    ctx = baggage.set_baggage("leaked", "yes", trace.set_span_in_context(stray))
+    context.attach(ctx)  # never detached, on purpose
+    return observe()
+
+
+def wait_for(path: str, result: Any = None) -> Any:
+    """Keep the worker busy until ``path`` exists (bounded), then return ``result``."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return result
+
+
+def touch(path: str, *payload: object) -> int:
+    """Leave a mark that this task ran (``payload`` only has to cross)."""
+    with open(path, "w"):
+        pass
+    return os.getpid()
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def exit_now() -> None:
+    """A worker that dies mid-task without a word."""
+    os._exit(1)
+
+
+def kill_self() -> None:
+    """A worker killed mid-task by the kernel."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def initialize(value: str) -> None:
+    global _initialized
+    _initialized = value
+
+
+def initialized() -> tuple[str | None, str]:
+    return _initialized, REQUEST_ID.get()
+
+
+def numbers() -> Iterator[int]:
+    """A generator: an argument nothing can pickle."""
+    yield 1
+

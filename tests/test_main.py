@@ -1,0 +1,69 @@
+"""The command line: ``python -m propagate demo | doctor`` (run as a user would)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "propagate", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def demo_spans() -> list[dict[str, object]]:
+    done = run("demo", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_demo_prints_one_connected_tree() -> None:
+    """I1, I3, I6: the demo's request is one trace; only the linked job starts another."""
+    done = run("demo")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    first = done.stdout.splitlines()[0]
+    assert "in 2 traces; 2 of 2 spans from worker processes arrived" in first
+    assert "↪ linked from 'GET /report'" in done.stdout
+
+
+def test_demo_json_parentage(demo_spans: list[dict[str, object]]) -> None:
+    """I1, I6: every span but the background job descends from the request, processes included."""
+    by_id = {s["span_id"]: s for s in demo_spans}
+    [request] = [s for s in demo_spans if s["name"] == "GET /report"]
+    [job] = [s for s in demo_spans if s["name"] == "reindex"]
+    assert job["links"] == [request["span_id"]] and job["trace_id"] != request["trace_id"]
+    for span in demo_spans:
+        if span is request or span is job:
+            continue
+        while span["parent_id"] in by_id:
+            span = by_id[span["parent_id"]]
+        assert span is request
+    names = {s["name"] for s in demo_spans}
+    assert {"dns.lookup", "render page 0", "render page 1", "parse report",
+            "audit log (fire-and-forget)", "decode shard 2"} <= names
+    workers = {s["pid"] for s in demo_spans if str(s["name"]).startswith("render")}
+    assert request["pid"] not in workers
+
+
+def test_demo_stdlib_shows_the_broken_tree() -> None:
+    """The stdlib's run of the same request falls apart: orphans, and worker spans lost."""
+    done = run("demo", "--stdlib")
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert "0 of 2 spans from worker processes arrived" in first
+    traces = int(first.split(" spans in ")[1].split(" traces")[0])
+    assert traces > 5
+
+
+def test_doctor_reports_what_a_bug_report_needs() -> None:
+    """doctor prints the interpreter, versions, provider and start method, and exits 0."""
+    done = run("doctor")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    for label in ("python", "free-threaded build", "default start method", "opentelemetry-api",
+                  "opentelemetry-sdk", "cloudpickle", "tracer provider", "propagators",
+                  "registered ContextVars", "loop default executor propagates"):
+        assert label in done.stdout
