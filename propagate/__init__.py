@@ -5,6 +5,7 @@ into thread pools, raw threads, process pools, ``run_in_executor``, DNS lookups 
 executors of distributed engines; span scopes are only exited where they were entered.
 """
 
+from . import debug, dns
 from ._asyncio import install, run_in_executor, to_thread
 from ._context import DetachedContext, capture, register
 from ._errors import (
@@ -39,6 +40,9 @@ __all__ = [
     # span scopes that only exit where they entered
     "span",
     "trace",
+    # submodules: DNS lookups in a pool; tools for finding context bugs
+    "dns",
+    "debug",
     # errors and warnings
     "PropagateError",
     "ContextSerializationError",

@@ -7,7 +7,7 @@
   `assert_quiescent` fails when any outlives a baseline;
 * `ContextFilter` puts the current trace and span ids on every log record.
 
-Import it as ``import propagate.debug``: ``import propagate`` does not load it.
+``import propagate`` loads it as ``propagate.debug``.
 """
 
 from __future__ import annotations

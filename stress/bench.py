@@ -25,10 +25,10 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
-import propagate  # noqa: E402
+import propagate
 
 trace.set_tracer_provider(TracerProvider())  # recording, exporting nowhere: the relay is on
 tracer = trace.get_tracer("bench")

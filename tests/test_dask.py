@@ -8,6 +8,7 @@ whatever the relay needs there is set up by the first task.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import subprocess
 import sys
@@ -56,10 +57,16 @@ def cluster_client() -> Iterator[distributed.Client]:
     """Two single-threaded worker processes; a task whose workers die fails after two tries."""
     # The scheduler (in this process) reads allowed-failures when it is created: one retry
     # keeps the dying-worker test bounded while still showing Dask's retry on another worker.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), \
-            local_cluster(WORKERS, threads_per_worker=1) as cluster, \
-            distributed.Client(cluster) as client:
-        yield client
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = local_cluster(WORKERS, threads_per_worker=1)
+        try:
+            with distributed.Client(cluster) as client:
+                yield client
+        finally:
+            # LocalCluster.close() can raise KeyError for a worker the scheduler already
+            # removed (the dying-worker test): a Dask teardown race, not ours to test.
+            with contextlib.suppress(KeyError):
+                cluster.close()
 
 
 @pytest.fixture
