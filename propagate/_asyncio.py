@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextvars
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -25,7 +27,7 @@ _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecu
 def _bind(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[Any, ...],
           kwargs: dict[str, Any]) -> Callable[[], T]:
     if isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)):
-        return lambda: fn(*args, **kwargs)  # the executor's own submit carries the context
+        return functools.partial(fn, *args, **kwargs)  # its own submit carries the context
     if executor is None or isinstance(executor, cf.ThreadPoolExecutor):
         return in_snapshot(fn, args, kwargs)
     return detached(fn, args, kwargs)
@@ -42,7 +44,12 @@ async def run_in_executor(executor: cf.Executor | None, fn: Callable[P, T], /,
     """
     heal()
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, _bind(executor, fn, args, kwargs))
+    call = _bind(executor, fn, args, kwargs)
+    ours = isinstance(executor, ProcessPoolExecutor)
+    if isinstance(executor, cf.ProcessPoolExecutor) and not ours:
+        # call is pickled already, and the stdlib's submit() may fork: see _process.py
+        return await contextvars.Context().run(loop.run_in_executor, executor, call)
+    return await loop.run_in_executor(executor, call)
 
 
 async def to_thread(fn: Callable[..., T], /, *args: Any, executor: cf.Executor | None = None,
@@ -53,9 +60,7 @@ async def to_thread(fn: Callable[..., T], /, *args: Any, executor: cf.Executor |
     caller's context, exactly as ``asyncio.to_thread`` does; with one it behaves as
     `run_in_executor`.
     """
-    heal()
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, _bind(executor, fn, args, kwargs))
+    return await run_in_executor(executor, fn, *args, **kwargs)
 
 
 def install(loop: asyncio.AbstractEventLoop | None = None) -> ThreadPoolExecutor:

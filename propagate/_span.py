@@ -91,21 +91,28 @@ class _Scope:
             self.span.end()
             return
         task = None if self.task is None else self.task()
-        warnings.warn(CrossThreadExitWarning(
+        message = (
             f"span {getattr(self.span, 'name', '')!r} entered on "
             f"{_describe(self.thread, task)} was exited on "
             f"{_describe(threading.current_thread(), _current_task())}; it is ended, and the "
-            "entering context is restored at its next propagate call"), stacklevel=4)
+            "entering context is restored at its next propagate call")
         if threading.current_thread() is self.thread:
             self.span.end()
+            self._orphan()
         elif not self.thread.is_alive():  # nobody left to heal or end it
             self.span.end()
-            return
         else:
             self.end_time = time.time_ns()
+            self._orphan()
+        # last: under "warnings as errors" this raises, and the span must be dealt with first
+        warnings.warn(CrossThreadExitWarning(message), stacklevel=4)
+
+    def _orphan(self) -> None:
+        global _exit_hook
         with _lock:
-            if not orphans:
-                atexit.register(_end_abandoned)  # after the SDK's own hook, so it runs first
+            if not _exit_hook:  # registered late, after the SDK's own hook, so it runs first
+                _exit_hook = True
+                atexit.register(_end_abandoned)
             orphans.setdefault(self.thread.ident or 0, []).append(self)
 
     def heal(self) -> bool:
@@ -130,6 +137,7 @@ class _Scope:
 
 
 _entered = itertools.count()
+_exit_hook = False
 
 
 def heal() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextvars
 import functools
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
+_INHERITS = bool(getattr(sys.flags, "thread_inherit_context", False))  # Python 3.14+
 
 
 class ThreadPoolExecutor(cf.ThreadPoolExecutor):
@@ -30,7 +32,7 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
     of that submitter's context.
 
     ``task_spans=True`` gives each task a span named after the callable, started and
-    ended on the worker thread, with ``thread.id``, ``thread.name`` and
+    ended on the worker thread, with ``thread.id``, ``thread.name``, ``process.pid`` and
     ``propagate.queue_seconds``. ``link=True`` makes that span the root of a new trace,
     linked to the submitter's span, for background work that must not stretch the
     caller's trace.
@@ -51,6 +53,8 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, call_kwargs = bind_snapshot(fn, args, kwargs, self._propagate)
+        if _INHERITS:  # 3.14's flag: a worker started in submit() would keep this context
+            return contextvars.Context().run(super().submit, call, *call_args, **call_kwargs)
         return super().submit(call, *call_args, **call_kwargs)
 
 

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS.get(row)
         mark = "" if target is None else f"{target:>7.2f}" + (" !" if r["ratio"] > target else "")
         print(f"{row:<46} {r['a_us']:>10.2f} {r['b_us']:>10.2f} {r['ratio']:>6.3f} {mark}")
-    print(f"\nA: the stdlib (or plain OpenTelemetry / plain Dask); B: propagate. "
+    print(f"\nA: the stdlib (or plain OpenTelemetry / plain Dask); B: propagate (in the peer "
+          f"row, the OpenTelemetry threading instrumentor). "
           f"{rounds} alternating rounds. Python {sys.version.split()[0]}, {os.cpu_count()} CPUs.")
     return 0
 

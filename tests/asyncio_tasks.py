@@ -23,3 +23,11 @@ def observe(tag: str, *, suffix: str = "") -> tuple[str | None, int, int, str, i
 def fail(message: str) -> None:
     """Raise an exception the caller must get back unchanged."""
     raise LookupError(message, 42)
+
+
+UNREGISTERED: ContextVar[str] = ContextVar("tests.asyncio_tasks.unregistered", default="default")
+
+
+def unregistered() -> str:
+    """The worker's view of a ContextVar that is not registered: its own value."""
+    return UNREGISTERED.get()

@@ -394,3 +394,27 @@ def test_no_tracer_provider() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['set', 'set', 'set']"
     assert done.stderr == ""
+
+
+def test_run_in_executor_task_span_named_after_fn(exporter: InMemorySpanExporter) -> None:
+    """task_spans through run_in_executor: the span is named after fn, not a wrapper."""
+    async def main() -> None:
+        with propagate.ThreadPoolExecutor(1, task_spans=True) as pool:
+            await propagate.run_in_executor(pool, asyncio_tasks.observe, "x", suffix="!")
+
+    asyncio.run(main())
+    assert "observe" in [s.name for s in exporter.get_finished_spans()]
+
+
+def test_run_in_executor_stdlib_fork_pool_inherits_nothing() -> None:
+    """I2: a stdlib fork pool whose worker is forked by run_in_executor inherits no stale var."""
+    if "fork" not in conftest.START_METHODS:
+        pytest.skip("no fork start method here")
+    import multiprocessing
+
+    async def main() -> str:
+        asyncio_tasks.UNREGISTERED.set("the caller's")
+        with cf.ProcessPoolExecutor(1, multiprocessing.get_context("fork")) as pool:
+            return await propagate.run_in_executor(pool, asyncio_tasks.unregistered)
+
+    assert asyncio.run(main()) == "default"

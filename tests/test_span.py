@@ -9,6 +9,7 @@ import gc
 import logging
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
@@ -619,3 +620,27 @@ def test_traced_async_generator_closed_by_another_task(exporter: InMemorySpanExp
     assert len([s for s in exporter.get_finished_spans() if s.name == "agen"]) == 1
     assert not detach_failures(caplog) and not double_ends(caplog)
     assert_ended_where_started()
+
+
+def test_foreign_exit_under_warnings_as_errors_still_ends_the_span(
+        exporter: InMemorySpanExporter) -> None:
+    """I4: when the warning is an error, the span is still ended and the caller still heals."""
+    scope = propagate.span("strict")
+    span = scope.__enter__()
+    errors: list[BaseException] = []
+
+    def exit_elsewhere() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", propagate.CrossThreadExitWarning)
+            try:
+                scope.__exit__(None, None, None)
+            except propagate.CrossThreadExitWarning as exc:
+                errors.append(exc)
+
+    worker = threading.Thread(target=exit_elsewhere)
+    worker.start()
+    worker.join(timeout=10)
+    assert len(errors) == 1
+    propagate.capture()  # heals this thread
+    assert trace.get_current_span() is not span
+    assert [s.name for s in exporter.get_finished_spans()] == ["strict"]
