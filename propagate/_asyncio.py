@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ._executor import WrappedExecutor, detached, in_snapshot
 from ._process import ProcessPoolExecutor
-from ._span import heal
 from ._thread import ThreadPoolExecutor
 
 if TYPE_CHECKING:
@@ -24,13 +23,21 @@ _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecu
     weakref.WeakKeyDictionary())
 
 
-def _bind(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[Any, ...],
-          kwargs: dict[str, Any]) -> Callable[[], T]:
+def _schedule(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> asyncio.Future[T]:
+    """Hand ``fn`` to ``executor`` through the running loop, bound to the caller's context."""
+    loop = asyncio.get_running_loop()
+    if executor is None or type(executor) is cf.ThreadPoolExecutor:  # the common case first
+        return loop.run_in_executor(executor, in_snapshot(fn, args, kwargs))
     if isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)):
-        return functools.partial(fn, *args, **kwargs)  # its own submit carries the context
-    if executor is None or isinstance(executor, cf.ThreadPoolExecutor):
-        return in_snapshot(fn, args, kwargs)
-    return detached(fn, args, kwargs)
+        # its own submit() carries the context
+        return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+    if isinstance(executor, cf.ThreadPoolExecutor):
+        return loop.run_in_executor(executor, in_snapshot(fn, args, kwargs))
+    call = detached(fn, args, kwargs)
+    if isinstance(executor, cf.ProcessPoolExecutor):  # submit() may fork: see _process.py
+        return contextvars.Context().run(loop.run_in_executor, executor, call)
+    return loop.run_in_executor(executor, call)
 
 
 async def run_in_executor(executor: cf.Executor | None, fn: Callable[P, T], /,
@@ -42,14 +49,7 @@ async def run_in_executor(executor: cf.Executor | None, fn: Callable[P, T], /,
     or any other pickling executor gets a detached context, as `wrap_executor` does.
     Changes made in ``fn`` never flow back.
     """
-    heal()
-    loop = asyncio.get_running_loop()
-    call = _bind(executor, fn, args, kwargs)
-    ours = isinstance(executor, ProcessPoolExecutor)
-    if isinstance(executor, cf.ProcessPoolExecutor) and not ours:
-        # call is pickled already, and the stdlib's submit() may fork: see _process.py
-        return await contextvars.Context().run(loop.run_in_executor, executor, call)
-    return await loop.run_in_executor(executor, call)
+    return await _schedule(executor, fn, args, kwargs)
 
 
 async def to_thread(fn: Callable[..., T], /, *args: Any, executor: cf.Executor | None = None,
@@ -60,7 +60,7 @@ async def to_thread(fn: Callable[..., T], /, *args: Any, executor: cf.Executor |
     caller's context, exactly as ``asyncio.to_thread`` does; with one it behaves as
     `run_in_executor`.
     """
-    return await run_in_executor(executor, fn, *args, **kwargs)
+    return await _schedule(executor, fn, args, kwargs)
 
 
 def install(loop: asyncio.AbstractEventLoop | None = None) -> ThreadPoolExecutor:
