@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -24,36 +23,19 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from paired import Timed, paired  # type: ignore[import-not-found]
 
 import propagate
 
 trace.set_tracer_provider(TracerProvider())  # recording, exporting nowhere: the relay is on
 tracer = trace.get_tracer("bench")
 
-Timed = Callable[[int], float]  # runs n tasks, returns elapsed seconds
-
-
 def noop() -> None:
     return None
-
-
-def paired(a: Timed, b: Timed, rounds: int, n: int) -> dict[str, float]:
-    """Alternate A and B ``rounds`` times, ``n`` tasks each; medians per task, median ratio."""
-    a(max(1, n // 10)), b(max(1, n // 10))  # warm up both
-    times_a, times_b, ratios = [], [], []
-    for i in range(rounds):
-        if i % 2:  # alternate which goes first, so neither always follows the other
-            tb, ta = b(n), a(n)
-        else:
-            ta, tb = a(n), b(n)
-        times_a.append(ta / n)
-        times_b.append(tb / n)
-        ratios.append(tb / ta)
-    return {"a_us": statistics.median(times_a) * 1e6, "b_us": statistics.median(times_b) * 1e6,
-            "ratio": statistics.median(ratios), "rounds": rounds, "tasks": n}
 
 
 def through(pool: cf.Executor, fn: Callable[[], Any] = noop) -> Timed:

@@ -14,16 +14,14 @@ import concurrent.futures as cf
 import itertools
 import json
 import operator
-import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from paired import Timed, paired  # type: ignore[import-not-found]
 
 import propagate
-
-Timed = Callable[[int], float]  # runs n tasks, returns elapsed seconds
 
 _args = itertools.count()  # every task gets its own argument, so Dask never reuses a result
 
@@ -38,20 +36,6 @@ def _through(executor: cf.Executor) -> Timed:
 
     return run
 
-
-def _paired(a: Timed, b: Timed, rounds: int, n: int) -> dict[str, float]:
-    a(max(1, n // 10)), b(max(1, n // 10))  # warm up both: imports, the relay's install
-    times_a, times_b, ratios = [], [], []
-    for i in range(rounds):
-        if i % 2:
-            tb, ta = b(n), a(n)
-        else:
-            ta, tb = a(n), b(n)
-        times_a.append(ta / n)
-        times_b.append(tb / n)
-        ratios.append(tb / ta)
-    return {"a_us": statistics.median(times_a) * 1e6, "b_us": statistics.median(times_b) * 1e6,
-            "ratio": statistics.median(ratios), "rounds": rounds, "tasks": n}
 
 
 def bench(rounds: int = 5, tasks: int = 200) -> dict[str, Any]:
@@ -68,7 +52,7 @@ def bench(rounds: int = 5, tasks: int = 200) -> dict[str, Any]:
             trace.get_tracer("bench").start_as_current_span("bench"):
         plain = client.get_executor()
         wrapped = propagate.wrap_executor(client.get_executor())
-        return _paired(_through(plain), _through(wrapped), rounds, tasks)
+        return paired(_through(plain), _through(wrapped), rounds, tasks)
 
 
 if __name__ == "__main__":
