@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures.process import _process_chunk
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
 from . import _context, _otel, _span, _switch, _wire
@@ -126,10 +127,17 @@ def _is_here(origin: tuple[int, str]) -> bool:
 def run_detached(blob: bytes) -> Any:
     """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
     fn, args, kwargs, identity, baggage, values, task, origin = _wire.loads(blob)
+    if isinstance(fn, functools.partial) and fn.func is _process_chunk:
+        # ProcessPoolExecutor.map(chunksize=n): n items, each in its own copy of the context
+        fn = functools.partial(_process_chunk, functools.partial(_isolated, *fn.args))
     if _switch.hook is not None:
         fn, args = _switch.around, (fn, *args)
     return contextvars.copy_context().run(
         _run_attached, fn, args, kwargs, identity, baggage, values, task, origin)
+
+
+def _isolated(fn: Callable[..., T], *args: Any) -> T:
+    return contextvars.copy_context().run(fn, *args)
 
 
 def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -252,6 +252,7 @@ class Resolver:
             future = self._pool.submit(_lookup, self._getaddrinfo, *question)
         except BaseException:
             self._slots.give()
+            self._check_open()  # closed between the check and submit: say so, not the pool
             raise
         future.add_done_callback(done)
         return future

@@ -161,3 +161,10 @@ def numbers() -> Iterator[int]:
     """A generator: an argument nothing can pickle."""
     yield 1
 
+
+
+def observe_then_leak(_: object) -> dict[str, Any]:
+    """For map(): what this item sees, then leave junk for the next item of the chunk."""
+    seen = observe()
+    leak()
+    return seen

@@ -282,6 +282,14 @@ def test_task_changes_do_not_leak(pool: propagate.ProcessPoolExecutor,
     assert (after["request_id"], after["unregistered"]) == ("unset", "default")
 
 
+def test_map_chunk_items_do_not_share_context(pool: propagate.ProcessPoolExecutor) -> None:
+    """I2: with map(chunksize > 1) each item starts from the submitter's context, not the last."""
+    with with_baggage(user="alice"), setvar(REQUEST_ID, "outer"):
+        seen = list(pool.map(pt.observe_then_leak, range(4), chunksize=4, timeout=TIMEOUT))
+    assert [(s["request_id"], s["unregistered"], s["baggage"]) for s in seen] == [
+        ("outer", "default", {"user": "alice"})] * 4
+
+
 # -- I3: fire and forget -------------------------------------------------------------------
 
 def test_submitter_span_may_end_before_task_runs(pool: propagate.ProcessPoolExecutor,

@@ -1,0 +1,162 @@
+"""Processes under load: pools under each start method, and pools nested across kinds.
+
+Tasks cross as detached contexts: the trace identity, baggage and the registered
+variable cross; the unregistered one must not (it keeps the worker's own, unset, value).
+Spans the workers record come home through the relay, each exactly once (I6): the
+session's span processor counts them by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import multiprocessing
+import random
+
+import pytest
+from conftest import SCALE, Run
+from workload import (
+    CHILD,
+    PLAIN,
+    WAIT,
+    intact,
+    request,
+    settle,
+    submitters,
+    thread_task,
+    thread_then_process,
+)
+
+import propagate
+
+SUBMITTERS = 4
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """fork and spawn always; forkserver too in the long suite."""
+    if "method" in metafunc.fixturenames:
+        wanted = ["fork", "spawn"]
+        if metafunc.config.stash[SCALE] == "long":
+            wanted.append("forkserver")
+        available = multiprocessing.get_all_start_methods()
+        metafunc.parametrize("method", [m for m in wanted if m in available])
+
+
+@pytest.mark.stress(rounds=2)
+def test_process_pools(run: Run, method: str) -> None:
+    """I1, I6: process tasks see their submitter's detached context; their spans come home once."""
+    requests = run.size(quick=120, long=600)
+    context = multiprocessing.get_context(method)
+    plain = propagate.ProcessPoolExecutor(2, mp_context=context)
+    child = propagate.ProcessPoolExecutor(2, mp_context=context, task_spans=True)
+    wrapped = propagate.wrap_executor(cf.ProcessPoolExecutor(2, mp_context=context))
+    pools: list[tuple[cf.Executor, str]] = [(plain, PLAIN), (child, CHILD), (wrapped, PLAIN)]
+    expected, task_spans = [0] * SUBMITTERS, [0] * SUBMITTERS
+
+    def body(index: int, rng: random.Random) -> None:
+        for i in range(requests):
+            with request(f"proc-{index}-{i}", scoped=rng.random() < 0.3) as exp:
+                pool, mode = rng.choice(pools)
+                task = exp.through(mode, None if mode == PLAIN else "thread_task", process=True)
+                k = rng.randint(1, 8)
+                if rng.random() < 0.2:  # map goes through submit, one item per task here
+                    for outcome in pool.map(thread_task, [task] * k, timeout=WAIT):
+                        run.tally.add(outcome)
+                else:
+                    settle([pool.submit(thread_task, task) for _ in range(k)], run.tally,
+                           f"{method} pool")
+                run.tally.add(intact(exp, "process submitter"))
+            expected[index] += k + 1
+            task_spans[index] += k if mode == CHILD else 0
+
+    try:
+        submitters(SUBMITTERS, run.seed, body, run.tally)
+    finally:
+        for pool in (plain, child, wrapped):
+            pool.shutdown(wait=True)
+    tasks = sum(expected) - SUBMITTERS * requests  # less the submitters' own checks
+    relayed = {"stress.task": tasks, "thread_task": sum(task_spans)}
+    run.verify(tasks=sum(expected), relayed={k: v for k, v in relayed.items() if v})
+
+
+@pytest.mark.stress(rounds=2, jitter=False)
+def test_process_map_chunks_do_not_share_context(run: Run, method: str) -> None:
+    """I2: with map(chunksize > 1) each item starts clean, unchanged by the item before it."""
+    requests = run.size(quick=30, long=200)
+    pool = propagate.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method))
+    expected = 0
+    try:
+        for i in range(requests):
+            with request(f"chunk-{i}") as exp:
+                k = run.rng.randint(2, 8)
+                items = [exp.through(process=True)] * k
+                for outcome in pool.map(thread_task, items, timeout=WAIT, chunksize=k):
+                    run.tally.add(outcome)
+            expected += k
+    finally:
+        pool.shutdown(wait=True)
+    run.verify(tasks=expected)
+
+
+@pytest.mark.stress(rounds=2)
+def test_thread_to_process_to_thread(run: Run, method: str) -> None:
+    """I1, I6: thread pool -> process pool -> thread in the worker, each in its own request."""
+    requests = run.size(quick=80, long=400)
+    outer = propagate.ThreadPoolExecutor(4, thread_name_prefix="stress-outer")
+    processes = propagate.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method))
+    nested = [0] * SUBMITTERS
+
+    def body(index: int, rng: random.Random) -> None:
+        for i in range(requests):
+            with request(f"t2p-{index}-{i}", scoped=rng.random() < 0.3) as exp:
+                k = rng.randint(1, 6)
+                futures = [outer.submit(thread_then_process, exp, processes) for _ in range(k)]
+                settle(futures, run.tally, "thread -> process -> thread")
+                run.tally.add(intact(exp, "nested submitter"))
+            nested[index] += k
+
+    try:
+        submitters(SUBMITTERS, run.seed, body, run.tally)
+    finally:
+        outer.shutdown(wait=True)
+        processes.shutdown(wait=True)
+    n = sum(nested)
+    # per nested task: thread check, process check, worker-thread check, two intact checks
+    run.verify(tasks=5 * n + SUBMITTERS * requests,
+               relayed={"stress.task": 2 * n, "stress.request": n})
+
+
+@pytest.mark.stress(rounds=2)
+def test_asyncio_to_thread_to_process(run: Run, method: str) -> None:
+    """I1, I6: asyncio task -> to_thread -> process pool (and asyncio -> process directly)."""
+    requests = run.size(quick=400, long=2500)
+    processes = propagate.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method))
+    counts = {"nested": 0, "direct": 0}
+
+    async def one(i: int, rng: random.Random, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            with request(f"a2p-{i}", scoped=rng.random() < 0.3) as exp:
+                if rng.random() < 0.7:
+                    outcome = await asyncio.wait_for(
+                        propagate.to_thread(thread_then_process, exp, processes), WAIT)
+                    counts["nested"] += 1
+                else:
+                    outcome = await asyncio.wait_for(propagate.run_in_executor(
+                        processes, thread_task, exp.through(process=True)), WAIT)
+                    counts["direct"] += 1
+                run.tally.add(outcome)
+                run.tally.add(intact(exp, "coroutine"))
+
+    async def main() -> None:
+        propagate.install()
+        gate = asyncio.Semaphore(16)
+        await asyncio.gather(*(one(i, random.Random(f"{run.seed}-{i}"), gate)
+                               for i in range(requests)))
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), WAIT * 4))
+    finally:
+        processes.shutdown(wait=True)
+    nested, direct = counts["nested"], counts["direct"]
+    run.verify(tasks=6 * nested + 2 * direct,
+               relayed={"stress.task": 2 * nested + direct, "stress.request": nested})
