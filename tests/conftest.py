@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import threading
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -92,3 +94,16 @@ def extra_state(exc: BaseException) -> dict[str, object]:
     if isinstance(state.get("__suppress_context__"), bool):
         del state["__suppress_context__"]
     return state
+
+
+@contextlib.contextmanager
+def with_baggage(**items: str) -> Iterator[None]:
+    """Baggage entries current for the block, on top of what is current."""
+    ctx = otel_context.get_current()
+    for key, value in items.items():
+        ctx = baggage.set_baggage(key, value, ctx)
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

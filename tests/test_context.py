@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextvars
 import pickle
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +13,7 @@ from opentelemetry import context as otel_context
 
 import propagate
 from propagate import DetachedContext
+from tests.conftest import with_baggage
 
 MISSING = object()
 
@@ -22,18 +21,6 @@ MISSING = object()
 def unique(prefix: str) -> str:
     """A ContextVar name no other test registers: the registry is process-global."""
     return f"test_context.{prefix}.{uuid.uuid4().hex}"
-
-
-@contextmanager
-def with_baggage(**items: str) -> Iterator[None]:
-    ctx = otel_context.get_current()
-    for key, value in items.items():
-        ctx = baggage.set_baggage(key, value, ctx)
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
 
 
 @pytest.fixture

@@ -23,15 +23,13 @@ from typing import Any, TypeVar
 import dask
 import distributed
 import pytest
-from opentelemetry import baggage
-from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 import propagate
 import propagate.dask
-from tests.conftest import extra_state
+from tests.conftest import extra_state, with_baggage
 
 from . import dask_tasks
 
@@ -89,18 +87,6 @@ def setting(var: ContextVar[T], value: T) -> Iterator[None]:
         yield
     finally:
         var.reset(token)
-
-
-@contextmanager
-def with_baggage(**items: str) -> Iterator[None]:
-    ctx = otel_context.get_current()
-    for key, value in items.items():
-        ctx = baggage.set_baggage(key, value, ctx)
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
 
 
 def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from opentelemetry import baggage, context, trace
+from opentelemetry import baggage, trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import propagate
 from tests import process_tasks as pt
-from tests.conftest import extra_state
+from tests.conftest import extra_state, with_baggage
 from tests.process_tasks import REQUEST_ID, UNREGISTERED
 
 TIMEOUT = 60  # generous: a loaded 2-core box starting spawn workers; only bounds a hang
@@ -88,18 +88,6 @@ def setvar(var: ContextVar[Any], value: Any) -> Iterator[None]:
         yield
     finally:
         var.reset(token)
-
-
-@contextlib.contextmanager
-def with_baggage(**items: str) -> Iterator[None]:
-    ctx = context.get_current()
-    for key, value in items.items():
-        ctx = baggage.set_baggage(key, value, ctx)
-    token = context.attach(ctx)
-    try:
-        yield
-    finally:
-        context.detach(token)
 
 
 def relayed(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
