@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextvars
 import functools
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from ._executor import WrappedExecutor, detached, in_snapshot
+from ._executor import WrappedExecutor, in_snapshot, wrap_executor
 from ._process import ProcessPoolExecutor
 from ._thread import ThreadPoolExecutor
 
@@ -27,17 +26,12 @@ def _schedule(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[An
               kwargs: dict[str, Any]) -> asyncio.Future[T]:
     """Hand ``fn`` to ``executor`` through the running loop, bound to the caller's context."""
     loop = asyncio.get_running_loop()
-    if executor is None or type(executor) is cf.ThreadPoolExecutor:  # the common case first
-        return loop.run_in_executor(executor, in_snapshot(fn, args, kwargs))
-    if isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)):
-        # its own submit() carries the context
-        return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
-    if isinstance(executor, cf.ThreadPoolExecutor):
-        return loop.run_in_executor(executor, in_snapshot(fn, args, kwargs))
-    call = detached(fn, args, kwargs)
-    if isinstance(executor, cf.ProcessPoolExecutor):  # submit() may fork: see _process.py
-        return contextvars.Context().run(loop.run_in_executor, executor, call)
-    return loop.run_in_executor(executor, call)
+    if executor is None:  # the loop's default executor, a thread pool: as asyncio.to_thread
+        return loop.run_in_executor(None, in_snapshot(fn, args, kwargs))
+    if not isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)):
+        executor = wrap_executor(executor)
+    # the executor's own submit() binds the call to the context
+    return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 
 async def run_in_executor(executor: cf.Executor | None, fn: Callable[P, T], /,

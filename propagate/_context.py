@@ -149,9 +149,7 @@ class DetachedContext:
 
 def capture() -> DetachedContext:
     """The current context, detached: picklable, safe to attach anywhere, any number of times."""
-    fields = capture_fields()
-    _switch.point("capture")
-    return DetachedContext(*fields)
+    return DetachedContext(*capture_fields())
 
 
 def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict[str, object]]:
@@ -163,6 +161,7 @@ def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict
         value = var.get(_UNSET)
         if value is not _UNSET:
             values[name] = value
+    _switch.point("capture")
     return _otel.current_identity(), _otel.current_baggage(), values
 
 

@@ -75,7 +75,6 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     caller, when something cannot cross.
     """
     identity, baggage, values = _context.capture_fields()
-    _switch.point("capture")
     task = (_wire.describe(fn) if options.task_spans else None, time.time_ns(), options.link)
     origin = _relay_origin() if options.relay else None
     payload = (fn, args, kwargs, identity, baggage, values, task, origin)
@@ -90,11 +89,14 @@ def in_snapshot(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, A
     return functools.partial(call, *call_args, **call_kwargs)
 
 
-def detached(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
-             options: Options = PLAIN) -> Callable[[], T]:
-    """``fn(*args, **kwargs)`` pickled with a detached context: a callable to send anywhere."""
-    call, call_args, _ = bind_detached(fn, args, kwargs, options)
-    return functools.partial(call, *call_args)
+def submit_from_empty_context(submit: Callable[..., cf.Future[T]], *args: Any,
+                              **kwargs: Any) -> cf.Future[T]:
+    """Call an executor's ``submit`` from an empty Context, for a task already bound.
+
+    Pools start workers inside ``submit``: a forked process, or a thread under Python
+    3.14's ``thread_inherit_context``, would keep the caller's whole context for life.
+    """
+    return contextvars.Context().run(submit, *args, **kwargs)
 
 
 _relay: Any = None  # propagate._relay, imported on first use: it needs opentelemetry-sdk
@@ -120,10 +122,6 @@ def _relay_origin() -> tuple[int, str] | None:
     return relay.here() if relay and relay.enabled() else None
 
 
-def _is_here(origin: tuple[int, str]) -> bool:
-    return origin[0] == os.getpid() and origin == _relay_module().here()
-
-
 def run_detached(blob: bytes) -> Any:
     """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
     fn, args, kwargs, identity, baggage, values, task, origin = _wire.loads(blob)
@@ -144,24 +142,21 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
                   identity: _otel.SpanIdentity | None, baggage: dict[str, object],
                   values: dict[str, object], task: tuple[Any, ...],
                   origin: tuple[int, str] | None) -> Any:
-    relay: Any = None
+    relay: Any = _relay_module() if origin is not None else None
     batch: Any = None
-    if origin is not None and _relay_module() and not _is_here(origin):
-        relay = _relay_module()  # another process: bring its spans home
+    if relay and origin != relay.here():  # another process: bring its spans home
         relay.install()
         batch = relay.Batch()
     state = _context.enter(identity, baggage, values)
     try:
         result = _run_task(task, fn, args, kwargs)
     except BaseException as exc:
-        _context.leave(state)
         if batch is not None:
             relay.stash(exc, origin, batch.close())
         raise
-    _context.leave(state)
-    if batch is None:
-        return result
-    return relay.reply(origin, batch.close(), result)
+    finally:
+        _context.leave(state)
+    return result if batch is None else relay.reply(origin, batch.close(), result)
 
 
 def _run_task(task: tuple[Any, ...], fn: Callable[..., T], args: tuple[Any, ...],
@@ -192,13 +187,12 @@ class WrappedExecutor(cf.Executor):
         self._options = options
         threads = isinstance(executor, cf.ThreadPoolExecutor)
         self._bind = bind_snapshot if threads else bind_detached
-        # a process pool may fork workers in submit(): from an empty Context, as in _process
         self._forks = isinstance(executor, cf.ProcessPoolExecutor)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, call_kwargs = self._bind(fn, args, kwargs, self._options)
         if self._forks:
-            return contextvars.Context().run(self.executor.submit, call, *call_args)
+            return submit_from_empty_context(self.executor.submit, call, *call_args)
         return self.executor.submit(call, *call_args, **call_kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextvars
 import sys
 from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from ._executor import Options, bind_detached
+from ._executor import Options, bind_detached, submit_from_empty_context
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -60,5 +59,4 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
-        # submit() may fork workers: from an empty Context, so they inherit nothing stale
-        return contextvars.Context().run(super().submit, call, *call_args)
+        return submit_from_empty_context(super().submit, call, *call_args)

@@ -39,10 +39,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Span, Status, StatusCode
 
+from . import _otel
 from ._errors import CrossThreadExitWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
-TRACER = otel_trace.get_tracer("propagate")
 
 orphans: dict[int, list[_Scope]] = {}  # by entering thread: scopes exited elsewhere
 _lock = threading.Lock()
@@ -193,7 +193,7 @@ class span:
         kwargs = dict(self.kwargs)
         self._record = kwargs.pop("record_exception", True)
         self._set_status = kwargs.pop("set_status_on_exception", True)
-        self._scope = _Scope(TRACER.start_span(self.name, **kwargs))
+        self._scope = _Scope(_otel.TRACER.start_span(self.name, **kwargs))
         return self._scope.span
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -224,7 +224,7 @@ def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str) ->
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         heal()
-        s = TRACER.start_span(name)
+        s = _otel.TRACER.start_span(name)
         try:
             gen = fn(*args, **kwargs)
             method: Callable[[Any], Any] = gen.send
@@ -258,7 +258,7 @@ def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]],
     @functools.wraps(fn)
     async def traced(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
         heal()
-        s = TRACER.start_span(name)
+        s = _otel.TRACER.start_span(name)
         try:
             agen = fn(*args, **kwargs)
             method: Callable[[Any], Any] = agen.asend

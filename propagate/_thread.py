@@ -10,8 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import _span, _switch
-from ._executor import PLAIN, Options, bind_snapshot
-from ._span import heal
+from ._executor import PLAIN, Options, bind_snapshot, submit_from_empty_context
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -57,8 +56,8 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
             # bind_snapshot's hot path, inlined: on a no-op task every 100 ns shows
             return _submit(self, contextvars.copy_context().run, fn, *args, **kwargs)  # type: ignore[arg-type]
         call, call_args, call_kwargs = bind_snapshot(fn, args, kwargs, self._propagate)
-        if _INHERITS:  # 3.14's flag: a worker started in submit() would keep this context
-            return contextvars.Context().run(super().submit, call, *call_args, **call_kwargs)
+        if _INHERITS:  # Python 3.14's flag: see submit_from_empty_context
+            return submit_from_empty_context(super().submit, call, *call_args, **call_kwargs)
         return super().submit(call, *call_args, **call_kwargs)
 
 
@@ -101,7 +100,7 @@ def wrap(fn: Callable[P, T]) -> Callable[P, T]:
     Each call runs in its own fresh copy of that snapshot, so the wrapper may be called
     from several threads at once, and calls never see each other's changes.
     """
-    heal()
+    _span.heal()
     snapshot = contextvars.copy_context()
     _switch.point("capture")
 
