@@ -128,17 +128,21 @@ def test_wrapped_thread_pool_task_spans(exporter, tracer):
     assert task.attributes["thread.name"] != threading.current_thread().name
 
 
-def test_wrapped_thread_pool_link(exporter, tracer):
-    """I1: link through the wrapper: the task span starts a new trace linked to the submitter."""
-    executor = propagate.wrap_executor(cf.ThreadPoolExecutor(1), task_spans=True, link=True)
-    with executor, tracer.start_as_current_span("submitter") as parent:
-        executor.submit(task_fn).result(timeout=WAIT)
-    task = by_name(exporter, task_fn.__qualname__)
+def assert_linked(task, parent):
+    """The task span is the root of a new trace, with one link to the submitter's span."""
     sc = parent.get_span_context()
     assert task.parent is None
     assert task.context.trace_id != sc.trace_id
     assert [(link.context.trace_id, link.context.span_id) for link in task.links] == [
         (sc.trace_id, sc.span_id)]
+
+
+def test_wrapped_thread_pool_link(exporter, tracer):
+    """I1: link through the wrapper: the task span starts a new trace linked to the submitter."""
+    executor = propagate.wrap_executor(cf.ThreadPoolExecutor(1), task_spans=True, link=True)
+    with executor, tracer.start_as_current_span("submitter") as parent:
+        executor.submit(task_fn).result(timeout=WAIT)
+    assert_linked(by_name(exporter, task_fn.__qualname__), parent)
 
 
 # Process pools: detached contexts
@@ -213,12 +217,7 @@ def test_wrapped_process_pool_link(mp_context, exporter, tracer):
     executor = propagate.wrap_executor(inner, task_spans=True, link=True)
     with executor, tracer.start_as_current_span("submitter") as parent:
         executor.submit(task_fn).result(timeout=WAIT)
-    task = by_name(exporter, task_fn.__qualname__)
-    sc = parent.get_span_context()
-    assert task.parent is None
-    assert task.context.trace_id != sc.trace_id
-    assert [(link.context.trace_id, link.context.span_id) for link in task.links] == [
-        (sc.trace_id, sc.span_id)]
+    assert_linked(by_name(exporter, task_fn.__qualname__), parent)
 
 
 def test_wrapped_process_pool_unpicklable_value_fails_at_submit():
