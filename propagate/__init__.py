@@ -5,6 +5,8 @@ into thread pools, raw threads, process pools, ``run_in_executor``, DNS lookups 
 executors of distributed engines; span scopes are only exited where they were entered.
 """
 
+import sys
+
 from . import debug, dns
 from ._asyncio import install, run_in_executor, to_thread
 from ._context import DetachedContext, capture, register
@@ -18,6 +20,9 @@ from ._executor import wrap_executor
 from ._process import ProcessPoolExecutor
 from ._span import span, trace
 from ._thread import Thread, ThreadPoolExecutor, Timer, wrap
+
+if sys.version_info >= (3, 14):
+    from ._interpreter import InterpreterPoolExecutor
 
 __version__ = "0.1.0"
 
@@ -49,3 +54,5 @@ __all__ = [
     "TaskSerializationError",
     "CrossThreadExitWarning",
 ]
+if sys.version_info >= (3, 14):  # subinterpreters, each with its own detached context
+    __all__ += ["InterpreterPoolExecutor"]

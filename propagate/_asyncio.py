@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextvars
 import functools
+import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._executor import WrappedExecutor, in_snapshot, wrap_executor
+from . import _private
+from ._executor import (
+    INHERITS,
+    WrappedExecutor,
+    in_snapshot,
+    wrap_executor,
+)
 from ._process import ProcessPoolExecutor
 from ._thread import ThreadPoolExecutor
 
@@ -18,6 +27,11 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
+_BINDING: tuple[type[cf.Executor], ...] = (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)
+if sys.version_info >= (3, 14):
+    from ._interpreter import InterpreterPoolExecutor
+
+    _BINDING += (InterpreterPoolExecutor,)
 _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecutor] = (
     weakref.WeakKeyDictionary())
 
@@ -27,8 +41,12 @@ def _schedule(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[An
     """Hand ``fn`` to ``executor`` through the running loop, bound to the caller's context."""
     loop = asyncio.get_running_loop()
     if executor is None:  # the loop's default executor, a thread pool: as asyncio.to_thread
+        if INHERITS:  # it may start a worker thread now: see submit_from_empty_context
+            future: asyncio.Future[T] = contextvars.Context().run(
+                loop.run_in_executor, None, in_snapshot(fn, args, kwargs))
+            return future
         return loop.run_in_executor(None, in_snapshot(fn, args, kwargs))
-    if not isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)):
+    if not isinstance(executor, _BINDING):
         executor = wrap_executor(executor)
     # the executor's own submit() binds the call to the context
     return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
@@ -66,7 +84,7 @@ def install(loop: asyncio.AbstractEventLoop | None = None) -> ThreadPoolExecutor
     default executor the loop had already made is shut down without waiting.
     """
     loop = loop or asyncio.get_running_loop()
-    current = getattr(loop, "_default_executor", None) or _installed.get(loop)
+    current = _private.default_executor(loop) or _installed.get(loop)
     if isinstance(current, ThreadPoolExecutor):
         return current
     executor = ThreadPoolExecutor(thread_name_prefix="asyncio")

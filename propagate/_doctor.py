@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from typing import TextIO
 
+from . import _private
+
 
 def _version(dist: str) -> str:
     try:
@@ -67,7 +69,7 @@ def _loop_status() -> str:
         return "no running loop here (call propagate.install() inside your loop)"
     from ._thread import ThreadPoolExecutor
 
-    return "yes" if isinstance(getattr(loop, "_default_executor", None),
+    return "yes" if isinstance(_private.default_executor(loop),
                                ThreadPoolExecutor) else "no"
 
 

@@ -21,10 +21,10 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures.process import _process_chunk
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from . import _context, _otel, _span, _switch, _wire
+from . import _context, _otel, _private, _span, _switch, _wire
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
+# Python 3.14's flag (the free-threaded default): a new thread starts in a copy of the
+# context of the code that starts it, and a pool starts its workers inside submit().
+INHERITS = bool(getattr(sys.flags, "thread_inherit_context", False))
 
 
 class Options(NamedTuple):
@@ -89,7 +92,7 @@ def in_snapshot(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, A
     return functools.partial(call, *call_args, **call_kwargs)
 
 
-def submit_from_empty_context(submit: Callable[..., cf.Future[T]], *args: Any,
+def submit_from_empty_context(submit: Callable[..., cf.Future[T]], /, *args: Any,
                               **kwargs: Any) -> cf.Future[T]:
     """Call an executor's ``submit`` from an empty Context, for a task already bound.
 
@@ -125,9 +128,9 @@ def _relay_origin() -> tuple[int, str] | None:
 def run_detached(blob: bytes) -> Any:
     """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
     fn, args, kwargs, identity, baggage, values, task, origin = _wire.loads(blob)
-    if isinstance(fn, functools.partial) and fn.func is _process_chunk:
-        # ProcessPoolExecutor.map(chunksize=n): n items, each in its own copy of the context
-        fn = functools.partial(_process_chunk, functools.partial(_isolated, *fn.args))
+    chunk = _private.map_chunk(fn)
+    if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
+        fn = _private.rechunk(chunk[0], _isolated)
     if _switch.hook is not None:
         fn, args = _switch.around, (fn, *args)
     return contextvars.copy_context().run(
@@ -185,14 +188,15 @@ class WrappedExecutor(cf.Executor):
     def __init__(self, executor: cf.Executor, options: Options) -> None:
         self.executor = executor
         self._options = options
-        threads = isinstance(executor, cf.ThreadPoolExecutor)
+        threads = in_process_threads(executor)
         self._bind = bind_snapshot if threads else bind_detached
-        self._forks = isinstance(executor, cf.ProcessPoolExecutor)
+        self._starts_workers = isinstance(executor, cf.ProcessPoolExecutor) or (
+            INHERITS and isinstance(executor, cf.ThreadPoolExecutor))
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, call_kwargs = self._bind(fn, args, kwargs, self._options)
-        if self._forks:
-            return submit_from_empty_context(self.executor.submit, call, *call_args)
+        if self._starts_workers:
+            return submit_from_empty_context(self.executor.submit, call, *call_args, **call_kwargs)
         return self.executor.submit(call, *call_args, **call_kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -205,6 +209,16 @@ class WrappedExecutor(cf.Executor):
         return f"<propagate.wrap_executor({self.executor!r})>"
 
 
+def in_process_threads(executor: cf.Executor) -> bool:
+    """Whether ``executor`` runs tasks on threads of this interpreter, so a snapshot can cross.
+
+    3.14's ``InterpreterPoolExecutor`` is a ``ThreadPoolExecutor`` whose threads run each
+    task in a subinterpreter: the task is pickled there, so it needs a detached context.
+    """
+    interpreters = getattr(cf, "InterpreterPoolExecutor", ())
+    return isinstance(executor, cf.ThreadPoolExecutor) and not isinstance(executor, interpreters)
+
+
 def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool = False,
                   relay: bool = True) -> cf.Executor:
     """Like the given executor, but every task runs in the submitter's context.
@@ -214,6 +228,9 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
     `DetachedContext` (trace identity, baggage, registered ContextVars), and spans
     recorded by the worker come home through the relay. Changes made in a task never
     flow back to the submitter. ``relay=False`` leaves the workers' own tracing alone.
+
+    An ``InterpreterPoolExecutor`` (3.14+) runs each task in a subinterpreter: it gets
+    a detached context, as processes do, and its spans come home through the relay.
 
     Functions defined in ``__main__`` are pickled by value for executors other than the
     stdlib's process pool, whose workers do not import the submitter's ``__main__``.

@@ -52,10 +52,14 @@ class Jitter:
 
 
 _jitters: weakref.WeakSet[Jitter] = weakref.WeakSet()
+_active: list[Jitter] = []  # the jitter blocks running now, oldest first
+_active_lock = threading.Lock()
 
 
 def _unlock_in_child() -> None:
     # A thread of the parent may have held a lock at fork: the child would wait forever.
+    global _active_lock
+    _active_lock = threading.Lock()
     for hook in list(_jitters):
         hook._lock = threading.Lock()
 
@@ -77,8 +81,12 @@ def jitter(seed: int | str = 0, probability: float = 0.5,
     block runs inherit it (their counts stay in the worker).
     """
     hook = Jitter(seed, probability, max_delay)
-    previous, _switch.hook = _switch.hook, hook
+    with _active_lock:  # blocks may end in any order, in any thread: the newest stays active
+        _active.append(hook)
+        _switch.hook = hook
     try:
         yield hook
     finally:
-        _switch.hook = previous
+        with _active_lock:
+            _active.remove(hook)
+            _switch.hook = _active[-1] if _active else None

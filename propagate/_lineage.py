@@ -6,9 +6,9 @@ import asyncio
 import itertools
 import sys
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from ._live import task_info
 

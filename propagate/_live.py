@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import multiprocessing
 import os
 import sys
@@ -11,12 +12,11 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Iterator
-from concurrent.futures import thread as cf_thread
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from . import _otel
+from . import _otel, _private
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,6 @@ class Live:
         return [item for item in self if id(item.ref()) not in known]
 
 
-_WORK_ITEM_RUN = cf_thread._WorkItem.run.__code__
 _ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
 
 
@@ -157,16 +156,26 @@ def _pending_tasks(loop: asyncio.AbstractEventLoop | None) -> list[asyncio.Task[
 
 
 def _every_pending_task() -> list[asyncio.Task[Any]]:
-    """Pending tasks of every loop, from asyncio's registries (private; 3.9 to 3.13)."""
-    found: list[asyncio.Task[Any]] = []
-    for registry in ("_all_tasks", "_scheduled_tasks", "_eager_tasks"):
-        tasks = getattr(asyncio.tasks, registry, ())
-        for _ in range(100):  # another thread may add a task mid-copy, as asyncio.all_tasks knows
-            try:
-                found.extend(t for t in list(tasks) if not t.done())
-                break
-            except RuntimeError:
-                continue
+    """Pending tasks of every open loop in this process, through the public ``all_tasks``.
+
+    asyncio has no registry of loops, and from 3.14 its C tasks are in no registry that
+    Python can read: the loops are found as the referrers of the loop classes (every
+    instance of a Python class refers to it), which costs a few ms on a large heap.
+    """
+    classes = _subclasses(asyncio.AbstractEventLoop)
+    loops = [obj for obj in gc.get_referrers(*classes) if type(obj) in classes]
+    return [task for loop in loops if not loop.is_closed() for task in asyncio.all_tasks(loop)]
+
+
+def _subclasses(cls: type) -> set[type]:
+    found: set[type] = {cls}
+    todo: list[type] = [cls]
+    while todo:
+        subclasses: list[type] = todo.pop().__subclasses__()
+        for sub in subclasses:
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
     return found
 
 
@@ -184,8 +193,8 @@ def _context_of(thread: threading.Thread, frames: dict[int, types.FrameType]
             return held
     frame = frames.get(thread.ident or 0)
     while frame is not None:  # a pool worker: _WorkItem.run runs snapshot.run(...)
-        if frame.f_code is _WORK_ITEM_RUN:
-            fn = getattr(frame.f_locals.get("self"), "fn", None)
+        fn = _private.work_item_callable(frame)
+        if fn is not None:
             fn = getattr(fn, "func", fn)  # a partial, or the bound method itself
             ctx = getattr(fn, "__self__", None)
             return ctx if isinstance(ctx, contextvars.Context) else None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+from collections.abc import Callable
 from multiprocessing.context import BaseContext
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._executor import Options, bind_detached, submit_from_empty_context
 

@@ -36,6 +36,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.status import Status, StatusCode
 
+from . import _private
+
 log = logging.getLogger("propagate")
 
 Origin = tuple[int, str]
@@ -81,9 +83,7 @@ def install() -> None:
         if isinstance(provider, TracerProvider):
             # Inherited through fork, or configured at import: the parent exports, so
             # exporting here as well would duplicate spans and lose them at shutdown.
-            multi = provider._active_span_processor
-            with multi._lock:
-                multi._span_processors = (_COLLECTOR,)
+            _private.replace_span_processors(provider, _COLLECTOR)
         elif isinstance(provider, ProxyTracerProvider):
             provider = TracerProvider(shutdown_on_exit=False)
             provider.add_span_processor(_COLLECTOR)
@@ -197,7 +197,9 @@ def deliver(source: Source, spans: list[tuple[Any, ...]]) -> None:
             host, pid = source
             resource = _resources[key] = provider.resource.merge(
                 Resource({"host.name": host, "process.pid": pid}))
-        processor = provider._active_span_processor
+        processor = _private.span_processor(provider)
+        if processor is None:
+            return
         for encoded in spans:
             processor.on_end(_decode(encoded, resource))
     except Exception:  # telemetry trouble never fails the user's job

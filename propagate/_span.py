@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -30,16 +31,16 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Generator, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Callable, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from . import _otel
+from . import _otel, _private
 from ._errors import CrossThreadExitWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -101,11 +102,23 @@ class _Scope:
             self._orphan()
         elif not self.thread.is_alive():  # nobody left to heal or end it
             self.span.end()
+            self._restore_finished_thread()
         else:
             self.end_time = time.time_ns()
             self._orphan()
         # last: under "warnings as errors" this raises, and the span must be dealt with first
         warnings.warn(CrossThreadExitWarning(message), stacklevel=4)
+
+    def _restore_finished_thread(self) -> None:
+        """From 3.14 a finished Thread keeps its Context: take the ended span out of it."""
+        ctx = _private.thread_context(self.thread)
+        if ctx is None:
+            return
+        with contextlib.suppress(RuntimeError):  # entered somewhere after all: let it heal
+            ctx.run(self._restore)
+
+    def _restore(self) -> bool:
+        return otel_context.get_current() is self.context and _reset(self.token)
 
     def _orphan(self) -> None:
         global _exit_hook
@@ -116,19 +129,17 @@ class _Scope:
             orphans.setdefault(self.thread.ident or 0, []).append(self)
 
     def heal(self) -> bool:
-        """Restore the entering Context, if this is it and the span is still current there."""
-        if otel_context.get_current() is not self.context or not _reset(self.token):
-            return self.abandoned()
-        self.end()
-        return True
+        """Restore the entering Context, if this is it and the span is still current there.
+
+        True when the scope is done with: healed, or abandoned by its finished task. The
+        caller ends it, outside the lock.
+        """
+        return self._restore() or self.abandoned()
 
     def abandoned(self) -> bool:
         """Whether nothing can heal this scope any more: its entering task has finished."""
         task = None if self.task is None else self.task()
-        if self.task is None or (task is not None and not task.done()):
-            return False
-        self.end()
-        return True
+        return self.task is not None and (task is None or task.done())
 
     def end(self) -> None:
         if self.end_time is not None:
@@ -145,6 +156,7 @@ def heal() -> None:
     if not orphans:
         return
     ident = threading.get_ident()
+    done: list[_Scope] = []
     with _lock:
         scopes = orphans.get(ident)
         if not scopes:
@@ -154,18 +166,21 @@ def heal() -> None:
             scopes.sort(key=lambda scope: scope.entered, reverse=True)
             kept = [scope for scope in scopes if not scope.heal()]
             healed = len(kept) < len(scopes)
+            done += [scope for scope in scopes if scope not in kept]
             scopes[:] = kept
         if not scopes:
             del orphans[ident]
+    for scope in done:  # outside the lock: a span processor may call back into propagate
+        scope.end()
 
 
 def _end_abandoned() -> None:
     """Spans whose entering thread never healed still end, at interpreter exit."""
     with _lock:
-        for scopes in orphans.values():
-            for scope in scopes:
-                scope.end()
+        scopes = [scope for pending in orphans.values() for scope in pending]
         orphans.clear()
+    for scope in scopes:
+        scope.end()
 
 
 class span:

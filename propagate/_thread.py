@@ -5,12 +5,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextvars
 import functools
-import sys
 import threading
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _span, _switch
-from ._executor import PLAIN, Options, bind_snapshot, submit_from_empty_context
+from . import _private, _span, _switch
+from ._executor import INHERITS, PLAIN, Options, bind_snapshot, submit_from_empty_context
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
-_INHERITS = bool(getattr(sys.flags, "thread_inherit_context", False))  # Python 3.14+
 _submit = cf.ThreadPoolExecutor.submit
 
 
@@ -36,6 +35,8 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
     ``propagate.queue_seconds``. ``link=True`` makes that span the root of a new trace,
     linked to the submitter's span, for background work that must not stretch the
     caller's trace.
+
+    Every parameter of the stdlib's constructor is kept, ``**ctxkwargs`` (3.14+) included.
     """
 
     def __init__(
@@ -47,16 +48,17 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
         *,
         task_spans: bool = False,
         link: bool = False,
+        **ctxkwargs: Any,
     ) -> None:
-        super().__init__(max_workers, thread_name_prefix, initializer, initargs)
+        super().__init__(max_workers, thread_name_prefix, initializer, initargs, **ctxkwargs)
         self._propagate = PLAIN if not (task_spans or link) else Options(task_spans, link)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        if self._propagate is PLAIN and not (_span.orphans or _switch.hook or _INHERITS):
+        if self._propagate is PLAIN and not (_span.orphans or _switch.hook or INHERITS):
             # bind_snapshot's hot path, inlined: on a no-op task every 100 ns shows
             return _submit(self, contextvars.copy_context().run, fn, *args, **kwargs)  # type: ignore[arg-type]
         call, call_args, call_kwargs = bind_snapshot(fn, args, kwargs, self._propagate)
-        if _INHERITS:  # Python 3.14's flag: see submit_from_empty_context
+        if INHERITS:  # Python 3.14's flag: see submit_from_empty_context
             return submit_from_empty_context(super().submit, call, *call_args, **call_kwargs)
         return super().submit(call, *call_args, **call_kwargs)
 
@@ -75,6 +77,7 @@ class _StartsInSnapshot(threading.Thread):
                 self.__dict__.pop("run", None)  # set below: drop the snapshot with it
 
         self.run = run_in_snapshot  # type: ignore[method-assign]
+        _private.start_in_empty_context(self)
         try:
             super().start()
         except BaseException:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Mapping
-from concurrent.futures.process import _process_chunk
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
-from . import _context
+from . import _context, _private
 from ._errors import ContextSerializationError, TaskSerializationError
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -68,7 +67,8 @@ def dumps(fn: Callable[..., Any], payload: tuple[Any, ...], values: Mapping[str,
         return _cloudpickle(payload)
     except Exception as exc:
         raise TaskSerializationError(
-            f"cannot pickle {describe(fn)} or its arguments for another process: {exc}") from exc
+            f"cannot pickle {describe(fn)} or its arguments for another process or interpreter: "
+            f"{exc}") from exc
 
 
 def loads(blob: bytes) -> Any:
@@ -77,8 +77,9 @@ def loads(blob: bytes) -> Any:
 
 def describe(fn: Callable[..., Any]) -> str:
     """A callable's name as a span name and in messages: its qualified name."""
+    chunk = _private.map_chunk(fn)  # ProcessPoolExecutor.map submits chunks of fn
+    if chunk is not None:
+        return describe(chunk[0])
     inner = getattr(fn, "func", fn)  # functools.partial
-    if inner is _process_chunk:  # ProcessPoolExecutor.map submits chunks of fn
-        return describe(fn.args[0])  # type: ignore[attr-defined]
     name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None)
     return name if isinstance(name, str) else type(inner).__qualname__

@@ -30,8 +30,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -43,14 +44,15 @@ from ._thread import ThreadPoolExecutor
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import TypeAlias
 
     from aiohttp.abc import AbstractResolver as _ResolverBase
     from aiohttp.abc import ResolveResult
     from opentelemetry.util.types import AttributeValue
-    from typing_extensions import Self, TypeAlias
+    from typing_extensions import Self
 
-    Host: TypeAlias = Union[bytes, str, None]
-    Port: TypeAlias = Union[bytes, str, int, None]
+    Host: TypeAlias = bytes | str | None
+    Port: TypeAlias = bytes | str | int | None
     # family, type, proto, canonname, sockaddr: what socket.getaddrinfo returns
     AddrInfo: TypeAlias = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
     GetAddrInfo: TypeAlias = Callable[[Host, Port, int, int, int, int], Sequence[AddrInfo]]
@@ -74,7 +76,7 @@ else:
 class LookupTimeout(PropagateError, _AnyTimeout):
     """A lookup took longer than its resolver's ``timeout`` (waiting for a slot included).
 
-    A `TimeoutError` (an `OSError`, with ``errno.ETIMEDOUT``); on Python 3.9 and 3.10 also
+    A `TimeoutError` (an `OSError`, with ``errno.ETIMEDOUT``); on Python 3.10 also
     an ``asyncio.TimeoutError`` and a ``concurrent.futures.TimeoutError``. The lookup itself
     goes on, on its lookup thread, and its span ends there.
     """

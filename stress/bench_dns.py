@@ -26,8 +26,8 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,9 +81,10 @@ async def paired(rounds: int) -> dict[str, float]:
                 times[side].append(await timed(sides[side]))
     med = {side: statistics.median(t) * 1e6 for side, t in times.items()}
     return {"a_us": med["a"], "b_us": med["b"],
-            "ratio": statistics.median(b / a for a, b in zip(times["a"], times["b"])),
+            "ratio": statistics.median(b / a for a, b in zip(times["a"], times["b"], strict=True)),
             "bare_us": med["bare"],
-            "ratio_bare": statistics.median(b / a for a, b in zip(times["bare"], times["b"])),
+            "ratio_bare": statistics.median(
+                b / a for a, b in zip(times["bare"], times["b"], strict=True)),
             "rounds": rounds, "tasks": LOOKUPS}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 Timed = Callable[[int], float]  # runs n tasks, returns elapsed seconds
 

@@ -14,7 +14,7 @@ import gc
 import multiprocessing
 import random
 import tracemalloc
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from conftest import Run

@@ -20,10 +20,10 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context

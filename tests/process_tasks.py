@@ -168,3 +168,8 @@ def observe_then_leak(_: object) -> dict[str, Any]:
     seen = observe()
     leak()
     return seen
+
+
+def tagged(i: int) -> str:
+    """For map(): the request id this item sees, with the item."""
+    return f"{REQUEST_ID.get()}:{i}"

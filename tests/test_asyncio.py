@@ -10,10 +10,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -25,6 +25,8 @@ import propagate
 from . import asyncio_tasks, conftest
 
 VAR: ContextVar[str] = ContextVar("tests.test_asyncio.var", default="unset")
+
+INHERITS = bool(getattr(sys.flags, "thread_inherit_context", False))  # 3.14+
 
 
 def seen(*args: Any, **kwargs: Any) -> tuple[trace.Span, str, tuple[Any, ...], dict[str, Any], str]:
@@ -268,11 +270,23 @@ def test_install_returns_idempotent_propagate_pool() -> None:
 
 
 def test_stdlib_default_executor_loses_context() -> None:
-    """Baseline: without install(), loop.run_in_executor(None, ...) loses span and ContextVar."""
+    """Baseline: without install(), loop.run_in_executor(None, ...) loses span and ContextVar.
+
+    Under 3.14's thread_inherit_context the worker thread starts in a copy of the context
+    of the call that created it, and keeps it: every later task sees that first caller's
+    values, whoever submits it (stale context, which propagate never gives).
+    """
     async def body(caller: trace.Span) -> None:
-        span, var, *_ = await asyncio.get_running_loop().run_in_executor(None, seen)
-        assert not span.get_span_context().is_valid
-        assert var == "unset"
+        loop = asyncio.get_running_loop()
+        span, var, *_ = await loop.run_in_executor(None, seen)
+        VAR.set("second caller")
+        with trace.get_tracer("tests").start_as_current_span("second"):
+            later, later_var, *_ = await loop.run_in_executor(None, seen)
+        if INHERITS:
+            assert (span, var) == (later, later_var) == (caller, "caller")
+        else:
+            assert not span.get_span_context().is_valid and var == "unset"
+            assert not later.get_span_context().is_valid and later_var == "unset"
 
     run_in_caller_span(body)
 
@@ -312,7 +326,7 @@ def test_install_getaddrinfo_sees_callers_span(installed: bool,
         assert infos  # the real lookup happened
         [(host, span)] = lookups
         assert host == "localhost"
-        if installed:
+        if installed or INHERITS:  # under the flag the new worker inherited it (see above)
             assert span is caller
         else:  # the stdlib loses it: the reason install() exists
             assert not span.get_span_context().is_valid

@@ -164,7 +164,7 @@ def test_relay_delivers_worker_spans_once_before_future_resolves(client, executo
         futures = [executor.submit(dask_tasks.record, f"task-{i}") for i in range(6)]
         checks = [exported_at_resolve(f, exporter) for f in futures]
         results = [f.result(timeout=WAIT) for f in futures]
-    for i, (result, check) in enumerate(zip(results, checks)):
+    for i, (result, check) in enumerate(zip(results, checks, strict=True)):
         [(thread, names)] = check
         assert thread != threading.get_ident()
         assert f"task-{i}" in names
@@ -195,7 +195,7 @@ def test_one_trace_from_client_to_workers(client, exporter, tracer):
     task_spans = named(exporter, "record")
     assert len(task_spans) == 4
     by_id = {s.context.span_id: s for s in spans}
-    for result, name in zip(results, "abcd"):
+    for result, name in zip(results, "abcd", strict=True):
         [span] = named(exporter, name)
         assert span.parent is not None
         task_span = by_id[span.parent.span_id]

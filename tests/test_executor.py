@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import contextvars
+import gc
+import inspect
 import os
+import sys
 import threading
-from collections.abc import Iterator
+import time
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +27,38 @@ WAIT = 60  # seconds: generous, process pools start slowly on a busy machine
 PLAIN: contextvars.ContextVar[str] = contextvars.ContextVar("test_executor.plain")
 REQUEST_ID: contextvars.ContextVar[str] = propagate.register(
     contextvars.ContextVar("test_executor.request_id"))
+
+
+DROP_INS = [(propagate.ThreadPoolExecutor, cf.ThreadPoolExecutor),
+             (propagate.ProcessPoolExecutor, cf.ProcessPoolExecutor)]
+if sys.version_info >= (3, 14):
+    DROP_INS.append((propagate.InterpreterPoolExecutor, cf.InterpreterPoolExecutor))
+OURS = {"task_spans", "link", "relay"}  # what the drop-ins add, keyword-only
+NEWER = {"ctxkwargs", "max_tasks_per_child"}  # stdlib parameters of newer Pythons
+
+
+@pytest.mark.parametrize(("ours", "stdlib"), DROP_INS, ids=lambda c: c.__module__)
+def test_drop_ins_keep_every_stdlib_parameter(ours: type, stdlib: type) -> None:
+    """Drop-in: on this Python, every stdlib parameter, in order, same kind and default.
+
+    Fails on the first Python release that adds a parameter the drop-in does not take.
+    """
+    assert issubclass(ours, stdlib)
+    def shape(fn: Any) -> list[tuple[str, Any, Any]]:
+        params = inspect.signature(fn).parameters.values()
+        return [(p.name, p.kind, p.default) for p in params if p.name not in OURS]
+
+    stdlib_names = inspect.signature(stdlib.__init__).parameters.keys()
+    # Taken on every Python, refused (TypeError) where the stdlib does not have them yet.
+    newer = [p for p in shape(ours.__init__) if p[0] in NEWER and p[0] not in stdlib_names]
+    assert [p for p in shape(ours.__init__) if p not in newer] == shape(stdlib.__init__)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such'"):
+        ours(no_such=1)  # refused as the stdlib refuses it
+    added = inspect.signature(ours.__init__).parameters.keys() & OURS
+    assert all(inspect.signature(ours.__init__).parameters[name].kind
+               is inspect.Parameter.KEYWORD_ONLY for name in added)
+    for method in ("submit", "map", "shutdown"):  # what callers use: the stdlib's own shape
+        assert shape(getattr(ours, method)) == shape(getattr(stdlib, method)), method
 
 
 def by_name(exporter: InMemorySpanExporter, name: str) -> Any:
@@ -243,3 +281,108 @@ def test_wrap_executor_refuses_non_executor(bad):
     """I7: wrap_executor of anything but a concurrent.futures.Executor raises TypeError."""
     with pytest.raises(TypeError, match="Executor"):
         propagate.wrap_executor(bad)
+
+
+# -- I5 for every executor kind, under thread_inherit_context too ---------------------------
+
+
+class Held:
+    """A value that can be weakly referenced, set in the submitter's context."""
+
+
+HELD: contextvars.ContextVar[Held] = contextvars.ContextVar("test_executor.held")
+
+
+def _interpreter_kinds() -> list[Any]:
+    if sys.version_info < (3, 14):
+        return []
+    return [pytest.param(lambda: propagate.InterpreterPoolExecutor(1), id="interpreters"),
+            pytest.param(lambda: propagate.wrap_executor(cf.InterpreterPoolExecutor(1)),
+                         id="wrap-interpreters")]
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: propagate.ThreadPoolExecutor(1), id="threads"),
+    pytest.param(lambda: propagate.wrap_executor(cf.ThreadPoolExecutor(1)), id="wrap-threads"),
+    pytest.param(lambda: propagate.ProcessPoolExecutor(1), id="processes"),
+    pytest.param(lambda: propagate.wrap_executor(cf.ProcessPoolExecutor(1)), id="wrap-processes"),
+    *_interpreter_kinds(),
+])
+def test_no_executor_keeps_the_submitters_context(make: Callable[[], cf.Executor]) -> None:
+    """I5: after its task, nothing the submitter's context held is kept alive by the pool.
+
+    The first submit starts the worker: under 3.14's thread_inherit_context the stdlib
+    would start it in a copy of the submitter's context and keep that for its life.
+    """
+    with make() as executor:
+        def submit() -> weakref.ref[Held]:
+            held = Held()
+            HELD.set(held)
+            assert executor.submit(os.getpid).result(timeout=WAIT) > 0
+            return weakref.ref(held)
+
+        ref = contextvars.Context().run(submit)
+        assert_freed(ref)
+
+
+@pytest.mark.parametrize("start", [
+    pytest.param(lambda fn: propagate.Thread(target=fn), id="Thread"),
+    pytest.param(lambda fn: propagate.Timer(0, fn), id="Timer"),
+])
+def test_no_thread_keeps_its_starters_context(start: Callable[[Callable[[], None]], Any]) -> None:
+    """I5: a finished propagate.Thread or Timer, still referenced, holds nothing of its starter."""
+    def started() -> tuple[Any, weakref.ref[Held]]:
+        held = Held()
+        HELD.set(held)
+        thread = start(lambda: None)
+        thread.start()
+        thread.join(WAIT)
+        return thread, weakref.ref(held)
+
+    thread, ref = contextvars.Context().run(started)
+    assert_freed(ref)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("executor", [None, "threads"], ids=["default-executor", "threads"])
+def test_to_thread_keeps_nothing(executor: str | None) -> None:
+    """I5: to_thread, on the loop's default executor or a given pool, keeps nothing after."""
+    pool = propagate.ThreadPoolExecutor(1) if executor else None
+
+    async def main() -> weakref.ref[Held]:
+        held = Held()
+        HELD.set(held)
+        await propagate.to_thread(os.getpid, executor=pool)
+        ref = weakref.ref(held)
+        del held
+        HELD.set(Held())
+        await asyncio.sleep(0)
+        assert_freed(ref)
+        return ref
+
+    asyncio.run(main())
+    if pool is not None:
+        pool.shutdown()
+
+
+def assert_freed(ref: weakref.ref[Any]) -> None:
+    """The stdlib deletes a work item just after resolving its future: poll a little."""
+    deadline = time.monotonic() + WAIT
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="map(buffersize=) is new in 3.14")
+@pytest.mark.parametrize(("ours", "stdlib"), DROP_INS, ids=lambda c: c.__module__)
+def test_map_with_buffersize_keeps_the_context(ours: type, stdlib: type) -> None:
+    """I1: map(buffersize=) submits lazily; each item sees the caller's context."""
+    from tests import process_tasks as pt
+
+    def body() -> list[str]:
+        pt.REQUEST_ID.set("buffered")
+        with ours(2) as pool:
+            return list(pool.map(pt.tagged, range(6), buffersize=2))
+
+    assert contextvars.Context().run(body) == [f"buffered:{i}" for i in range(6)]

@@ -56,7 +56,11 @@ def test_demo_stdlib_shows_the_broken_tree() -> None:
     first = done.stdout.splitlines()[0]
     assert "0 of 2 spans from worker processes arrived" in first
     traces = int(first.split(" spans in ")[1].split(" traces")[0])
-    assert traces > 5
+    # Under 3.14's thread_inherit_context each stdlib thread starts in a copy of its
+    # creator's context, so this request's threads stay in one trace (a reused worker
+    # would carry a stale one): there, only the worker processes' spans are lost.
+    if not getattr(sys.flags, "thread_inherit_context", False):
+        assert traces > 5
 
 
 def test_doctor_reports_what_a_bug_report_needs() -> None:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextvars
 import gc
-import inspect
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import baggage, trace
@@ -334,16 +333,6 @@ def test_shutdown_cancel_futures():
     assert ran == []
     with pytest.raises(RuntimeError):
         executor.submit(int)
-
-
-def test_constructor_keeps_stdlib_parameters():
-    """Stdlib shape: a ThreadPoolExecutor subclass with every stdlib parameter, in order."""
-    ours = inspect.signature(propagate.ThreadPoolExecutor).parameters
-    stdlib = inspect.signature(cf.ThreadPoolExecutor).parameters
-    assert issubclass(propagate.ThreadPoolExecutor, cf.ThreadPoolExecutor)
-    assert list(ours)[:len(stdlib)] == list(stdlib)
-    for name, param in stdlib.items():
-        assert ours[name].default == param.default, name
 
 
 def test_constructor_parameters_take_effect():

@@ -1,0 +1,167 @@
+"""Every private internal of the stdlib and opentelemetry-sdk that propagate touches.
+
+Each is reached through one function here and nowhere else, and each is guarded: when a
+release moves it, the function falls back to doing less and warns once, naming what
+moved and what is lost. It never fails a task, and nothing here runs at import.
+``docs/design.md`` lists them with the versions they are tested on.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from contextvars import Context
+from types import CodeType, FrameType
+from typing import Any
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def moved(what: str, lost: str) -> None:
+    """Warn once per process that ``what`` is not where propagate expects it."""
+    with _warned_lock:
+        if what in _warned:
+            return
+        _warned.add(what)
+    version = ".".join(map(str, sys.version_info[:3]))
+    warnings.warn(f"propagate: {what} is missing or not as propagate expects it (Python "
+                  f"{version}); {lost}", RuntimeWarning, stacklevel=3)
+
+
+# -- concurrent.futures ---------------------------------------------------------------------
+
+
+@functools.cache
+def _process_chunk() -> Callable[..., Any] | None:
+    from concurrent.futures import process
+
+    return getattr(process, "_process_chunk", None)
+
+
+def map_chunk(fn: object) -> tuple[Any, ...] | None:
+    """``(fn, chunk)`` if ``fn`` is one chunk of ``ProcessPoolExecutor.map``, else None.
+
+    ``map(chunksize=n)`` submits ``partial(_process_chunk, fn)`` per chunk (3.10 to 3.15).
+    """
+    if not isinstance(fn, functools.partial):
+        return None
+    chunk = _process_chunk()
+    if chunk is None:
+        moved("concurrent.futures.process._process_chunk",
+              "items of one map() chunk now share one copy of the context")
+        return None
+    return fn.args if fn.func is chunk else None
+
+
+def rechunk(fn: Callable[..., Any], item: Callable[..., Any]) -> Callable[..., Any]:
+    """A map chunk that calls ``item(fn, *args)`` for each of its items."""
+    chunk = _process_chunk()
+    assert chunk is not None  # only called after map_chunk() recognised one
+    return functools.partial(chunk, functools.partial(item, fn))
+
+
+@functools.cache
+def _work_item_run() -> CodeType | None:
+    from concurrent.futures import thread
+
+    run = getattr(getattr(thread, "_WorkItem", None), "run", None)
+    return getattr(run, "__code__", None)
+
+
+def work_item_callable(frame: FrameType) -> object | None:
+    """The callable a pool worker runs, if ``frame`` is the stdlib's ``_WorkItem.run``.
+
+    ``_WorkItem`` holds it as ``fn`` up to 3.13 and as ``task = (fn, args, kwargs)`` from
+    3.14 on.
+    """
+    code = _work_item_run()
+    if code is None:
+        moved("concurrent.futures.thread._WorkItem.run",
+              "debug.live() cannot show the spans of pool workers")
+        return None
+    if frame.f_code is not code:
+        return None
+    item = frame.f_locals.get("self")
+    fn: object = getattr(item, "fn", None)
+    if fn is not None:
+        return fn
+    task = getattr(item, "task", None)
+    if isinstance(task, tuple) and task:
+        fn = task[0]
+        return fn
+    moved("concurrent.futures.thread._WorkItem", "debug.live() cannot show the spans of "
+          "pool workers")
+    return None
+
+
+# -- threading and asyncio ------------------------------------------------------------------
+
+
+def thread_context(thread: threading.Thread) -> Context | None:
+    """The Context a 3.14+ thread runs in (``Thread._context``); None before 3.14.
+
+    From 3.14 on a finished Thread object keeps that Context, and so whatever was current
+    in it when the thread ended.
+    """
+    if sys.version_info < (3, 14):
+        return None
+    ctx = getattr(thread, "_context", None)
+    if ctx is None or isinstance(ctx, Context):
+        return ctx
+    moved("threading.Thread._context", "a span scope exited after its thread finished stays "
+          "reachable from the Thread object")
+    return None
+
+
+def start_in_empty_context(thread: threading.Thread) -> None:
+    """Have a 3.14+ thread that was given no context start in an empty one.
+
+    Under ``thread_inherit_context`` ``start()`` would give it a copy of the starter's
+    context, which the Thread object keeps after the thread finishes. A thread that runs
+    its work in a snapshot of its own needs none of it.
+    """
+    if sys.version_info < (3, 14):
+        return
+    if not hasattr(thread, "_context"):
+        moved("threading.Thread._context", "a finished propagate.Thread object may keep a "
+              "copy of its starter's context")
+    elif thread._context is None:
+        thread._context = Context()
+
+
+def default_executor(loop: object) -> object | None:
+    """The loop's default executor, if it has made or been given one."""
+    return getattr(loop, "_default_executor", None)
+
+
+# -- opentelemetry-sdk ----------------------------------------------------------------------
+
+
+def span_processor(provider: object) -> Any | None:
+    """The SDK provider's composite span processor (``TracerProvider._active_span_processor``)."""
+    processor = getattr(provider, "_active_span_processor", None)
+    if processor is None or not hasattr(processor, "on_end"):
+        moved("opentelemetry.sdk.trace.TracerProvider._active_span_processor",
+              "spans recorded in workers are not relayed to this process")
+        return None
+    return processor
+
+
+def replace_span_processors(provider: object, processor: object) -> bool:
+    """Make ``processor`` the provider's only span processor; False if that cannot be done.
+
+    Reaches ``SynchronousMultiSpanProcessor._span_processors`` and its ``_lock``.
+    """
+    multi = span_processor(provider)
+    lock = getattr(multi, "_lock", None)
+    if multi is None or lock is None or not hasattr(multi, "_span_processors"):
+        moved("opentelemetry.sdk.trace.SynchronousMultiSpanProcessor._span_processors",
+              "a worker's inherited tracer provider keeps exporting on its own")
+        return False
+    with lock:
+        multi._span_processors = (processor,)
+    return True

@@ -1,0 +1,202 @@
+"""propagate.InterpreterPoolExecutor (3.14+): the detached context into subinterpreters.
+
+A subinterpreter shares no objects with the caller: tasks cross pickled, as to a process,
+and the spans they record come home through the relay. The task functions live in
+`tests.process_tasks`; lambdas and closures defined here cross by value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import propagate
+from tests import process_tasks as pt
+from tests.conftest import with_baggage
+
+pytestmark = pytest.mark.skipif(sys.version_info < (3, 14),
+                                reason="InterpreterPoolExecutor is new in Python 3.14")
+WAIT = 60
+
+
+@pytest.fixture
+def pool() -> Iterator[cf.Executor]:
+    with propagate.InterpreterPoolExecutor(2) as executor:
+        yield executor
+
+
+def in_request(tracer: trace.Tracer, fn: Any) -> tuple[Any, trace.Span]:
+    """``fn()`` inside a request span with baggage and a registered variable set."""
+    with tracer.start_as_current_span("request") as request, with_baggage(tenant="acme"):
+        token = pt.REQUEST_ID.set("req-7")
+        try:
+            return fn(), request
+        finally:
+            pt.REQUEST_ID.reset(token)
+
+
+def test_task_sees_the_submitters_context(pool: cf.Executor, tracer: trace.Tracer) -> None:
+    """I1: trace parent, baggage and registered variables cross; unregistered ones do not."""
+    seen, request = in_request(tracer, lambda: pool.submit(pt.observe).result(timeout=WAIT))
+    sc = request.get_span_context()
+    assert (seen["trace_id"], seen["span_id"], seen["is_remote"]) == (sc.trace_id, sc.span_id, True)
+    assert seen["baggage"] == {"tenant": "acme"}
+    assert seen["request_id"] == "req-7"
+    assert seen["unregistered"] == "default"
+
+
+def test_spans_come_home_once_before_the_future_resolves(
+        pool: cf.Executor, tracer: trace.Tracer, exporter: InMemorySpanExporter) -> None:
+    """I6: a subinterpreter's spans reach the parent's exporter once, under the request."""
+    def run() -> Any:
+        future = pool.submit(pt.record_spans, "outer", "inner")
+        future.result(timeout=WAIT)
+        return [s.name for s in exporter.get_finished_spans()]  # before request ends
+
+    names, request = in_request(tracer, run)
+    assert sorted(names) == ["inner", "outer"]
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert len(exporter.get_finished_spans()) == 3
+    assert spans["outer"].parent.span_id == request.get_span_context().span_id
+    assert spans["inner"].parent.span_id == spans["outer"].context.span_id
+    assert {s.context.trace_id for s in spans.values()} == {request.get_span_context().trace_id}
+
+
+def test_lambdas_and_closures_cross(pool: cf.Executor, tracer: trace.Tracer) -> None:
+    """I1: what the stdlib's interpreter pool refuses (closures over globals) is sent by value."""
+    suffix = "!"
+    seen, _ = in_request(tracer, lambda: pool.submit(
+        lambda: pt.REQUEST_ID.get() + suffix).result(timeout=WAIT))
+    assert seen == "req-7!"
+
+
+def test_main_functions_cross() -> None:
+    """I1: a function defined in ``__main__`` runs in the subinterpreter, which has no such main."""
+    script = textwrap.dedent("""
+        import contextvars, propagate
+        VAR = propagate.register(contextvars.ContextVar("main.var"))
+        def work(x):
+            return (x, VAR.get())
+        if __name__ == "__main__":
+            VAR.set("from-main")
+            with propagate.InterpreterPoolExecutor(1) as pool:
+                print(pool.submit(work, 3).result(timeout=60))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=WAIT, check=True)
+    assert out.stdout.strip() == "(3, 'from-main')", out.stderr
+
+
+def test_what_cannot_be_sent_fails_on_the_future(pool: cf.Executor) -> None:
+    """I7: as with the stdlib's pool, an argument that cannot cross fails the task, by name."""
+    future = pool.submit(pt.square, threading.Lock())
+    with pytest.raises(propagate.TaskSerializationError, match=r"square.*_thread.lock"):
+        future.result(timeout=WAIT)
+    assert pool.submit(pt.square, 2).result(timeout=WAIT) == 4  # the pool is fine
+
+
+def test_unpicklable_registered_value_fails_at_submit(pool: cf.Executor) -> None:
+    """I7: a registered variable that cannot cross fails at submit, naming the variable."""
+    token = pt.REQUEST_ID.set(threading.Lock())  # type: ignore[arg-type]
+    try:
+        with pytest.raises(propagate.ContextSerializationError, match="request_id"):
+            pool.submit(pt.observe)
+    finally:
+        pt.REQUEST_ID.reset(token)
+
+
+def test_exception_arrives_unchanged_with_its_spans(
+        pool: cf.Executor, tracer: trace.Tracer, exporter: InMemorySpanExporter) -> None:
+    """I6, I7: the user's exception type and args arrive; its spans arrive once."""
+    def run() -> BaseException | None:
+        return pool.submit(pt.fail_after_span, "failing").exception(timeout=WAIT)
+
+    exc, _ = in_request(tracer, run)
+    assert type(exc) is pt.TaskError and exc.args == ("boom", 42)
+    assert [s.name for s in exporter.get_finished_spans()].count("failing") == 1
+
+
+def test_nothing_leaks_between_tasks(tracer: trace.Tracer) -> None:
+    """I2: what one task sets is gone for the next task in the same subinterpreter."""
+    with propagate.InterpreterPoolExecutor(1) as pool:
+        in_request(tracer, lambda: pool.submit(pt.leak).result(timeout=WAIT))
+        after = pool.submit(pt.observe).result(timeout=WAIT)
+    assert (after["request_id"], after["unregistered"]) == ("unset", "default")
+    assert after["baggage"] == {}
+    assert after["trace_id"] == 0
+    assert pt.REQUEST_ID.get() == "unset"
+
+
+def test_fire_and_forget_parent(pool: cf.Executor, tracer: trace.Tracer,
+                                exporter: InMemorySpanExporter) -> None:
+    """I3: the submitter's span may end before the task runs; the task's span is its child."""
+    with tracer.start_as_current_span("short") as short:
+        future = pool.submit(pt.record_spans, "later")
+    future.result(timeout=WAIT)
+    [later] = [s for s in exporter.get_finished_spans() if s.name == "later"]
+    assert later.parent.span_id == short.get_span_context().span_id
+
+
+class Payload:
+    """A value whose lifetime a weak reference can watch."""
+
+    def __reduce__(self) -> Any:
+        return (Payload, ())
+
+
+def test_no_reference_held_after_the_task(pool: cf.Executor) -> None:
+    """I5: neither the pool nor its worker threads keep the submitter's context alive."""
+    var: ContextVar[Payload] = ContextVar("test_interpreter.payload")
+    payload = Payload()
+    ref = weakref.ref(payload)
+    token = var.set(payload)
+    pool.submit(pt.square, 1).result(timeout=WAIT)
+    var.reset(token)
+    del payload, token
+    gc.collect()
+    assert ref() is None
+
+
+def test_task_spans_and_link(tracer: trace.Tracer, exporter: InMemorySpanExporter) -> None:
+    """I4: task_spans names the span after the function, on the worker; link starts a new trace."""
+    with propagate.InterpreterPoolExecutor(1, task_spans=True, link=True) as pool, \
+            tracer.start_as_current_span("caller") as caller:
+        pool.submit(pt.square, 1).result(timeout=WAIT)
+    [task] = [s for s in exporter.get_finished_spans() if s.name == "square"]
+    assert task.parent is None
+    assert task.context.trace_id != caller.get_span_context().trace_id
+    assert [lk.context.span_id for lk in task.links] == [caller.get_span_context().span_id]
+
+
+def test_wrap_executor_and_run_in_executor_use_the_detached_path(tracer: trace.Tracer) -> None:
+    """I1: the stdlib's interpreter pool, wrapped or given to run_in_executor, gets a context."""
+    with cf.InterpreterPoolExecutor(1) as stdlib_pool:
+        wrapped = propagate.wrap_executor(stdlib_pool)
+        seen, _ = in_request(tracer, lambda: wrapped.submit(pt.observe).result(timeout=WAIT))
+        assert seen["request_id"] == "req-7"
+
+        async def main() -> Any:
+            return await propagate.run_in_executor(stdlib_pool, pt.observe)
+
+        seen, _ = in_request(tracer, lambda: asyncio.run(main()))
+        assert (seen["request_id"], seen["baggage"]) == ("req-7", {"tenant": "acme"})
+
+
+def test_map_with_buffersize(pool: cf.Executor, tracer: trace.Tracer) -> None:
+    """I1: map(buffersize=) (3.14) submits lazily, each item still in the caller's context."""
+    seen, _ = in_request(tracer, lambda: list(pool.map(  # type: ignore[call-arg]
+        pt.tagged, range(6), buffersize=2)))
+    assert seen == [f"req-7:{i}" for i in range(6)]
