@@ -31,6 +31,9 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor):  # type: ignore[misc,
     a registered ContextVar whose value cannot cross fails at ``submit`` with
     `ContextSerializationError`.
 
+    A subinterpreter imports modules through the path this interpreter started with:
+    a directory added to ``sys.path`` at run time is not there, as with the stdlib's pool.
+
     With ``relay=True`` (the default) and opentelemetry-sdk's tracer provider installed
     here, the spans a subinterpreter records come home to this interpreter's span
     processors, exactly once, before the task's future resolves. ``task_spans`` and
