@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextvars
 import functools
 import sys
 import weakref
@@ -16,6 +15,7 @@ from ._executor import (
     INHERITS,
     WrappedExecutor,
     in_snapshot,
+    submit_from_empty_context,
     wrap_executor,
 )
 from ._process import ProcessPoolExecutor
@@ -42,9 +42,8 @@ def _schedule(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[An
     loop = asyncio.get_running_loop()
     if executor is None:  # the loop's default executor, a thread pool: as asyncio.to_thread
         if INHERITS:  # it may start a worker thread now: see submit_from_empty_context
-            future: asyncio.Future[T] = contextvars.Context().run(
-                loop.run_in_executor, None, in_snapshot(fn, args, kwargs))
-            return future
+            return submit_from_empty_context(loop.run_in_executor, None,
+                                             in_snapshot(fn, args, kwargs))
         return loop.run_in_executor(None, in_snapshot(fn, args, kwargs))
     if not isinstance(executor, _BINDING):
         executor = wrap_executor(executor)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
+R = TypeVar("R")
 # Python 3.14's flag (the free-threaded default): a new thread starts in a copy of the
 # context of the code that starts it, and a pool starts its workers inside submit().
 INHERITS = bool(getattr(sys.flags, "thread_inherit_context", False))
@@ -92,8 +93,7 @@ def in_snapshot(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, A
     return functools.partial(call, *call_args, **call_kwargs)
 
 
-def submit_from_empty_context(submit: Callable[..., cf.Future[T]], /, *args: Any,
-                              **kwargs: Any) -> cf.Future[T]:
+def submit_from_empty_context(submit: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     """Call an executor's ``submit`` from an empty Context, for a task already bound.
 
     Pools start workers inside ``submit``: a forked process, or a thread under Python
