@@ -162,7 +162,7 @@ def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict
         if value is not _UNSET:
             values[name] = value
     _switch.point("capture")
-    return _otel.current_identity(), _otel.current_baggage(), values
+    return (*_otel.current_fields(), values)
 
 
 _State = tuple[object, list[tuple[ContextVar[Any], Token[Any]]]]

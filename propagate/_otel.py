@@ -25,16 +25,18 @@ TRACER = trace.get_tracer("propagate")
 _EMPTY: otel_context.Context = otel_context.Context()
 
 
-def current_identity() -> SpanIdentity | None:
-    """The current span's identity, or None when there is no valid current span."""
-    sc = trace.get_current_span().get_span_context()
+def current_identity(ctx: otel_context.Context | None = None) -> SpanIdentity | None:
+    """The current span's identity (in ``ctx``, else now), or None when it is not valid."""
+    sc = trace.get_current_span(ctx).get_span_context()
     if not sc.is_valid:
         return None
     return (sc.trace_id, sc.span_id, int(sc.trace_flags), tuple(sc.trace_state.items()))
 
 
-def current_baggage() -> dict[str, object]:
-    return dict(otel_baggage.get_all())
+def current_fields() -> tuple[SpanIdentity | None, dict[str, object]]:
+    """The current span's identity and the baggage, read from one current context."""
+    ctx = otel_context.get_current()
+    return current_identity(ctx), dict(otel_baggage.get_all(ctx))
 
 
 def span_context(identity: SpanIdentity) -> SpanContext:
