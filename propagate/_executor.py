@@ -46,6 +46,16 @@ class Options(NamedTuple):
     relay: bool = True
     main_by_value: bool = False  # the workers' __main__ is not ours (Dask, loky): cloudpickle it
 
+    @classmethod
+    def checked(cls, task_spans: bool = False, link: bool = False, relay: bool = True,
+                main_by_value: bool = False) -> Options:
+        """The options a constructor was given, checked there: bools only; link needs a span."""
+        for name, value in (("task_spans", task_spans), ("link", link), ("relay", relay)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, not {value!r}")
+        options = cls(task_spans or link, link, relay, main_by_value)
+        return PLAIN if options == PLAIN else options
+
 
 PLAIN = Options()
 
@@ -238,4 +248,5 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
     if not isinstance(executor, cf.Executor):
         raise TypeError(f"wrap_executor() takes a concurrent.futures.Executor, not {executor!r}")
     stdlib_processes = isinstance(executor, cf.ProcessPoolExecutor)
-    return WrappedExecutor(executor, Options(task_spans, link, relay, not stdlib_processes))
+    options = Options.checked(task_spans, link, relay, main_by_value=not stdlib_processes)
+    return WrappedExecutor(executor, options)

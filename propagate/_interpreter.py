@@ -53,7 +53,7 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor):  # type: ignore[misc,
     ) -> None:
         super().__init__(max_workers, thread_name_prefix, initializer, initargs)
         # A subinterpreter has a __main__ of its own: send the caller's by value.
-        self._propagate = Options(task_spans, link, relay, main_by_value=True)
+        self._propagate = Options.checked(task_spans, link, relay, main_by_value=True)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         try:

@@ -7,6 +7,7 @@ OpenTelemetry object.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,7 +17,17 @@ from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate as otel_propagate
 from opentelemetry import trace
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, TraceFlags, TraceState
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 
 SpanIdentity = tuple[int, int, int, tuple[tuple[str, str], ...]]
 Token = object
@@ -116,3 +127,45 @@ def task_span(name: str, link: bool, attributes: Mapping[str, Any]) -> Iterator[
     with TRACER.start_as_current_span(name, context=parent, links=links,
                                       attributes=dict(attributes)) as span:
         yield span
+
+
+def fail(span: Span, exc: BaseException, record: bool = True, set_status: bool = True) -> None:
+    """Mark ``span`` with ``exc`` as OpenTelemetry's own ``use_span`` would.
+
+    Which exceptions count is the installed OpenTelemetry's rule: releases differ on
+    ``BaseException`` (cancellation, ``GeneratorExit``, ``KeyboardInterrupt``), so the
+    rule is read once from ``use_span`` itself rather than written down here.
+    """
+    if not span.is_recording() or not (isinstance(exc, Exception) or _marks_base_exceptions()):
+        return
+    if record:
+        span.record_exception(exc)
+    if set_status:
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+class _Probe(NonRecordingSpan):
+    """A span that only says whether ``use_span`` marked it."""
+
+    marked = False
+
+    def is_recording(self) -> bool:
+        return True
+
+    def set_status(self, *args: Any, **kwargs: Any) -> None:
+        self.marked = True
+
+
+class _ProbeExit(BaseException):
+    pass
+
+
+@functools.cache
+def _marks_base_exceptions() -> bool:
+    probe = _Probe(INVALID_SPAN_CONTEXT)
+    try:
+        with trace.use_span(probe, record_exception=False):
+            raise _ProbeExit
+    except _ProbeExit:
+        pass
+    return probe.marked

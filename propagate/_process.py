@@ -56,7 +56,7 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor):
         else:
             super().__init__(max_workers, mp_context, initializer, initargs,
                              max_tasks_per_child=max_tasks_per_child)
-        self._propagate = Options(task_spans, link, relay)
+        self._propagate = Options.checked(task_spans, link, relay)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)

@@ -38,7 +38,7 @@ from typing import Any, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Span
 
 from . import _otel, _private
 from ._errors import CrossThreadExitWarning
@@ -107,7 +107,7 @@ class _Scope:
             self.end_time = time.time_ns()
             self._orphan()
         # last: under "warnings as errors" this raises, and the span must be dealt with first
-        warnings.warn(CrossThreadExitWarning(message), stacklevel=4)
+        warnings.warn(CrossThreadExitWarning(message), stacklevel=3)  # the exiting line
 
     def _restore_finished_thread(self) -> None:
         """From 3.14 a finished Thread keeps its Context: take the ended span out of it."""
@@ -216,11 +216,8 @@ class span:
         scope, self._scope = self._scope, None
         if scope is None:
             raise RuntimeError(f"span {self.name!r} was exited without being entered")
-        if exc is not None and scope.span.is_recording():
-            if self._record:
-                scope.span.record_exception(exc)
-            if self._set_status:
-                scope.span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        if exc is not None:
+            _otel.fail(scope.span, exc, self._record, self._set_status)
         scope.exit()
         heal()
 
@@ -259,8 +256,7 @@ def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str) ->
                 except BaseException as exc:  # thrown in by the consumer: pass it on
                     method, value = gen.throw, exc
         except BaseException as exc:
-            if not isinstance(exc, GeneratorExit):
-                _fail(s, exc)
+            _otel.fail(s, exc)
             raise
         finally:
             s.end()
@@ -293,19 +289,12 @@ def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]],
                 except BaseException as exc:  # thrown in by the consumer: pass it on
                     method, value = agen.athrow, exc
         except BaseException as exc:
-            if not isinstance(exc, GeneratorExit):
-                _fail(s, exc)
+            _otel.fail(s, exc)
             raise
         finally:
             s.end()
 
     return traced
-
-
-def _fail(s: Span, exc: BaseException) -> None:
-    if s.is_recording():
-        s.record_exception(exc)
-        s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
 def _decorate(fn: F, name: str | None) -> F:

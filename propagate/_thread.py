@@ -32,9 +32,10 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
 
     ``task_spans=True`` gives each task a span named after the callable, started and
     ended on the worker thread, with ``thread.id``, ``thread.name``, ``process.pid`` and
-    ``propagate.queue_seconds``. ``link=True`` makes that span the root of a new trace,
-    linked to the submitter's span, for background work that must not stretch the
-    caller's trace.
+    ``propagate.queue_seconds``. ``link=True`` implies ``task_spans=True`` (the link needs
+    a span to live on) and makes that span the root of a new trace, linked to the
+    submitter's span, for background work that must not stretch the caller's trace. Both
+    must be bools: anything else raises `TypeError` here, at construction.
 
     Every parameter of the stdlib's constructor is kept, ``**ctxkwargs`` (3.14+) included.
     """
@@ -51,7 +52,7 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
         **ctxkwargs: Any,
     ) -> None:
         super().__init__(max_workers, thread_name_prefix, initializer, initargs, **ctxkwargs)
-        self._propagate = PLAIN if not (task_spans or link) else Options(task_spans, link)
+        self._propagate = Options.checked(task_spans, link)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         if self._propagate is PLAIN and not (_span.orphans or _switch.hook or INHERITS):

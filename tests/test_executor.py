@@ -386,3 +386,34 @@ def test_map_with_buffersize_keeps_the_context(ours: type, stdlib: type) -> None
             return list(pool.map(pt.tagged, range(6), buffersize=2))
 
     assert contextvars.Context().run(body) == [f"buffered:{i}" for i in range(6)]
+
+
+# -- options, checked at construction --------------------------------------------------------
+
+
+def _every_kind() -> list[Any]:
+    kinds = [propagate.ThreadPoolExecutor, propagate.ProcessPoolExecutor,
+             lambda **kw: propagate.wrap_executor(cf.ThreadPoolExecutor(1), **kw)]
+    if sys.version_info >= (3, 14):
+        kinds.append(propagate.InterpreterPoolExecutor)
+    return kinds
+
+
+@pytest.mark.parametrize("make", _every_kind())
+@pytest.mark.parametrize("flag", ["task_spans", "link", "relay"])
+def test_non_bool_flags_fail_at_construction(make: Callable[..., Any], flag: str) -> None:
+    """I7: task_spans="yes" (or link, relay) is refused where it is written, naming the flag."""
+    if flag == "relay" and make is propagate.ThreadPoolExecutor:
+        pytest.skip("threads have no relay")
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, not 'yes'"):
+        make(**{flag: "yes"})
+
+
+def test_link_alone_gives_a_linked_task_span(exporter: InMemorySpanExporter) -> None:
+    """I4: link=True without task_spans still gives the task a span, linked, in a new trace."""
+    with propagate.ThreadPoolExecutor(1, link=True) as pool, \
+            trace.get_tracer("tests").start_as_current_span("caller") as caller:
+        pool.submit(os.getpid).result(timeout=WAIT)
+    [task] = [s for s in exporter.get_finished_spans() if s.name == "getpid"]
+    assert task.parent is None
+    assert [lk.context.span_id for lk in task.links] == [caller.get_span_context().span_id]

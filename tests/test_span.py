@@ -6,12 +6,13 @@ import asyncio
 import concurrent.futures as cf
 import contextvars
 import gc
+import inspect
 import logging
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -644,3 +645,110 @@ def test_foreign_exit_under_warnings_as_errors_still_ends_the_span(
     propagate.capture()  # heals this thread
     assert trace.get_current_span() is not span
     assert [s.name for s in exporter.get_finished_spans()] == ["strict"]
+
+
+# Status on BaseException: what the installed OpenTelemetry's start_as_current_span does
+
+RAISED = [ValueError("boom"), asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(3),
+          GeneratorExit()]
+
+
+def outcome(exporter: InMemorySpanExporter, name: str) -> tuple[Any, str | None, int]:
+    """A finished span's status code, description and number of exception events."""
+    s = finished(exporter, name)
+    return s.status.status_code, s.status.description, len(s.events)
+
+
+def raise_in(scope: Any, exc: BaseException) -> None:
+    with pytest.raises(type(exc)), scope:
+        raise exc
+
+
+@pytest.mark.parametrize("exc", RAISED, ids=lambda e: type(e).__name__)
+def test_span_status_matches_start_as_current_span(exporter: InMemorySpanExporter,
+                                                   exc: BaseException) -> None:
+    """I7: span() marks each exception exactly as start_as_current_span does here."""
+    raise_in(TRACER.start_as_current_span("otel"), exc)
+    raise_in(propagate.span("ours"), exc)
+    assert outcome(exporter, "ours") == outcome(exporter, "otel")
+
+
+def _kinds(exc: BaseException) -> list[Callable[[], None]]:
+    """Drive each kind trace decorates into raising ``exc`` from its body."""
+    @propagate.trace(name="ours")
+    def function() -> None:
+        raise exc
+
+    @propagate.trace(name="ours")
+    async def coroutine() -> None:
+        raise exc
+
+    @propagate.trace(name="ours")
+    def generator() -> Iterator[int]:
+        yield 1
+        raise exc
+
+    @propagate.trace(name="ours")
+    async def async_generator() -> AsyncIterator[int]:
+        yield 1
+        raise exc
+
+    async def drain() -> None:
+        async for _ in async_generator():
+            pass
+
+    return [function, lambda: asyncio.run(coroutine()), lambda: list(generator()),
+            lambda: asyncio.run(drain())]
+
+
+@pytest.mark.parametrize("kind", range(4), ids=["function", "coroutine", "generator",
+                                                 "async-generator"])
+@pytest.mark.parametrize("exc", RAISED[:4], ids=lambda e: type(e).__name__)
+def test_trace_status_matches_start_as_current_span(exporter: InMemorySpanExporter,
+                                                    exc: BaseException, kind: int) -> None:
+    """I7: every kind trace decorates marks each exception as start_as_current_span does."""
+    raise_in(TRACER.start_as_current_span("otel"), exc)
+    with pytest.raises(type(exc)):
+        _kinds(exc)[kind]()
+    assert outcome(exporter, "ours") == outcome(exporter, "otel")
+
+
+def test_cancelled_coroutine_status_matches_start_as_current_span(
+        exporter: InMemorySpanExporter) -> None:
+    """I7: a traced coroutine cancelled from outside ends as OpenTelemetry ends cancellation."""
+    @propagate.trace(name="ours")
+    async def waits() -> None:
+        await asyncio.sleep(60)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(waits())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    raise_in(TRACER.start_as_current_span("otel"), asyncio.CancelledError())
+    assert outcome(exporter, "ours") == outcome(exporter, "otel")
+
+
+def test_cross_thread_exit_warning_points_at_the_exiting_line() -> None:
+    """I4: CrossThreadExitWarning names the file and line of the code that exited the scope."""
+    scope = propagate.span("moved")
+    scope.__enter__()
+    seen: list[tuple[str, int, int]] = []
+
+    def exit_elsewhere() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1  # type: ignore[union-attr]
+            scope.__exit__(None, None, None)
+        seen.extend((w.filename, w.lineno, line) for w in caught)
+
+    worker = threading.Thread(target=exit_elsewhere)
+    worker.start()
+    worker.join(60)
+    with propagate.span("heal"):  # the entering thread's next propagate call heals it
+        pass
+    [(filename, lineno, line)] = seen
+    assert (filename, lineno) == (__file__, line)
