@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import functools
-import sys
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,12 +12,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _private
 from ._executor import (
     INHERITS,
-    WrappedExecutor,
+    Binding,
     in_snapshot,
     submit_from_empty_context,
     wrap_executor,
 )
-from ._process import ProcessPoolExecutor
 from ._thread import ThreadPoolExecutor
 
 if TYPE_CHECKING:
@@ -27,11 +25,6 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
-_BINDING: tuple[type[cf.Executor], ...] = (ThreadPoolExecutor, ProcessPoolExecutor, WrappedExecutor)
-if sys.version_info >= (3, 14):
-    from ._interpreter import InterpreterPoolExecutor
-
-    _BINDING += (InterpreterPoolExecutor,)
 _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecutor] = (
     weakref.WeakKeyDictionary())
 
@@ -40,14 +33,15 @@ def _schedule(executor: cf.Executor | None, fn: Callable[..., T], args: tuple[An
               kwargs: dict[str, Any]) -> asyncio.Future[T]:
     """Hand ``fn`` to ``executor`` through the running loop, bound to the caller's context."""
     loop = asyncio.get_running_loop()
-    if executor is None:  # the loop's default executor, a thread pool: as asyncio.to_thread
+    if executor is None and not isinstance(_private.default_executor(loop), Binding):
+        # the stdlib's default executor, a thread pool: bind here, as asyncio.to_thread does
+        call = in_snapshot(fn, args, kwargs)
         if INHERITS:  # it may start a worker thread now: see submit_from_empty_context
-            return submit_from_empty_context(loop.run_in_executor, None,
-                                             in_snapshot(fn, args, kwargs))
-        return loop.run_in_executor(None, in_snapshot(fn, args, kwargs))
-    if not isinstance(executor, _BINDING):
+            return submit_from_empty_context(loop.run_in_executor, None, call)
+        return loop.run_in_executor(None, call)
+    if executor is not None and not isinstance(executor, Binding):
         executor = wrap_executor(executor)
-    # the executor's own submit() binds the call to the context
+    # propagate's executor (or the one install() made the default) binds the call itself
     return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 

@@ -63,22 +63,49 @@ PLAIN = Options()
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # what to hand to submit()
 
 
+class Binding:
+    """An executor that binds each task to the submitter's context itself (ours, all).
+
+    Handing it a task already bound would take a second snapshot: `wrap_executor` and the
+    asyncio helpers pass such an executor the bare call.
+    """
+
+    _propagate: Options
+
+
+def snapshot() -> contextvars.Context:
+    """The one capture for threads: heal this thread's scopes, then copy its context."""
+    if _span.orphans:
+        _span.heal()
+    if _switch.hook is not None:
+        _switch.point("capture")
+    return contextvars.copy_context()
+
+
 def bind_snapshot(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                   options: Options = PLAIN) -> Call:
     """``fn(*args, **kwargs)`` bound to a snapshot of the current context, as a submit call."""
-    if _span.orphans:
-        _span.heal()
-    snapshot = contextvars.copy_context()
+    run = snapshot().run
     if options is PLAIN and _switch.hook is None:  # the hot path: nothing but the snapshot
-        return snapshot.run, (fn, *args), kwargs
+        return run, (settled, fn, *args), kwargs
     name = _wire.describe(fn) if options.task_spans else None
     if _switch.hook is not None:
-        _switch.point("capture")
         fn, args = _switch.around, (fn, *args)
     if name is None:
-        return snapshot.run, (fn, *args), kwargs
-    task = (name, time.time_ns(), options.link)
-    return snapshot.run, (_run_task, task, fn, args, kwargs), {}
+        return run, (settled, fn, *args), kwargs
+    return run, (settled, _run_task, (name, time.time_ns(), options.link), fn, args, kwargs), {}
+
+
+def settled(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a task in its own Context, which ends with it: so do scopes left open in it."""
+    if _span.life.get() is not None:  # the submitter's: this task's scopes get their own
+        _span.life.set(None)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        ended = _span.life.get()  # set only if a scope was entered: then it ends here
+        if ended is not None:
+            _span.end_of_context(ended)
 
 
 def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -162,7 +189,7 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         batch = relay.Batch()
     state = _context.enter(identity, baggage, values)
     try:
-        result = _run_task(task, fn, args, kwargs)
+        result = settled(_run_task, task, fn, args, kwargs)
     except BaseException as exc:
         if batch is not None:
             relay.stash(exc, origin, batch.close())
@@ -187,7 +214,7 @@ def _run_task(task: tuple[Any, ...], fn: Callable[..., T], args: tuple[Any, ...]
         return fn(*args, **kwargs)
 
 
-class WrappedExecutor(cf.Executor):
+class WrappedExecutor(cf.Executor, Binding):
     """Any `concurrent.futures.Executor`, made to carry the caller's context.
 
     Thread pools get snapshots; every other executor is taken to run tasks elsewhere
@@ -197,14 +224,14 @@ class WrappedExecutor(cf.Executor):
 
     def __init__(self, executor: cf.Executor, options: Options) -> None:
         self.executor = executor
-        self._options = options
+        self._propagate = options
         threads = in_process_threads(executor)
         self._bind = bind_snapshot if threads else bind_detached
         self._starts_workers = isinstance(executor, cf.ProcessPoolExecutor) or (
             INHERITS and isinstance(executor, cf.ThreadPoolExecutor))
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        call, call_args, call_kwargs = self._bind(fn, args, kwargs, self._options)
+        call, call_args, call_kwargs = self._bind(fn, args, kwargs, self._propagate)
         if self._starts_workers:
             return submit_from_empty_context(self.executor.submit, call, *call_args, **call_kwargs)
         return self.executor.submit(call, *call_args, **call_kwargs)
@@ -244,9 +271,25 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
 
     Functions defined in ``__main__`` are pickled by value for executors other than the
     stdlib's process pool, whose workers do not import the submitter's ``__main__``.
+
+    An executor of propagate's own (a pool, or one wrapped already) binds its tasks
+    itself and is returned as it is, so nothing is bound twice; asking it for other
+    ``task_spans``, ``link`` or ``relay`` than it has raises `ValueError`.
     """
     if not isinstance(executor, cf.Executor):
         raise TypeError(f"wrap_executor() takes a concurrent.futures.Executor, not {executor!r}")
     stdlib_processes = isinstance(executor, cf.ProcessPoolExecutor)
     options = Options.checked(task_spans, link, relay, main_by_value=not stdlib_processes)
+    if isinstance(executor, Binding):  # binds already: wrapping again would bind twice
+        return _already_binding(executor, options)
     return WrappedExecutor(executor, options)
+
+
+def _already_binding(executor: Binding, options: Options) -> cf.Executor:
+    asked = options[:3]
+    if asked != PLAIN[:3] and asked != executor._propagate[:3]:
+        raise ValueError(
+            f"{executor!r} already carries the context with its own task_spans, link and "
+            "relay; set them where it is made instead of in wrap_executor()")
+    assert isinstance(executor, cf.Executor)
+    return executor

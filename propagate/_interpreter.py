@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import TaskSerializationError
-from ._executor import Options, bind_detached, submit_from_empty_context
+from ._executor import Binding, Options, bind_detached, submit_from_empty_context
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class InterpreterPoolExecutor(cf.InterpreterPoolExecutor):  # type: ignore[misc,name-defined,unused-ignore]
+class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ignore[misc,name-defined,unused-ignore]
     """Like `concurrent.futures.InterpreterPoolExecutor`, but tasks run in the submitter's context.
 
     Each task runs in a subinterpreter, which shares no objects with this one, so it gets

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._executor import Options, bind_detached, submit_from_empty_context
+from ._executor import Binding, Options, bind_detached, submit_from_empty_context
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class ProcessPoolExecutor(cf.ProcessPoolExecutor):
+class ProcessPoolExecutor(cf.ProcessPoolExecutor, Binding):
     """Like `concurrent.futures.ProcessPoolExecutor`, but tasks run in the submitter's context.
 
     What crosses: the current span's trace identity (spans the task starts are its

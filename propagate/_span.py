@@ -6,10 +6,11 @@ on a span that has ended (opentelemetry-python #2606). A `span` scope remembers 
 thread and Context that entered it, and an exit anywhere else is handled instead of
 attempted:
 
-* the span is ended exactly once, and never on another thread: when the exit happens on
-  another thread, the end time and error are recorded there and the span is ended on
-  the entering thread when that thread heals (below); if the entering thread has
-  already finished, it is ended at the exit;
+* the span is ended exactly once, and never on another thread while its entering
+  Context can still run there: the end time and error are recorded at the exit and the
+  span is ended on the entering thread when that thread heals (below), or when that
+  Context ends (the pool task, thread or asyncio task it belongs to finishes); if it has
+  already ended, the span is ended at the exit;
 * the foreign context is not touched, nothing is logged, and a `CrossThreadExitWarning`
   names both threads (and asyncio tasks);
 * **healing**: the entering Context still has the span as its current one. At its next
@@ -49,6 +50,29 @@ orphans: dict[int, list[_Scope]] = {}  # by entering thread: scopes exited elsew
 _lock = threading.Lock()
 
 
+class Life:
+    """Whether a Context that a pool task, thread or ``wrap`` call runs in has ended."""
+
+    __slots__ = ("over",)
+
+    def __init__(self) -> None:
+        self.over = False
+
+
+# Set in a Context by the first scope entered there; marked over by the pool when the
+# task the Context was made for ends (`_executor.settled`).
+life: contextvars.ContextVar[Life | None] = contextvars.ContextVar("propagate.life",
+                                                                   default=None)
+
+
+def _life_here() -> Life:
+    here = life.get()
+    if here is None:
+        here = Life()
+        life.set(here)
+    return here
+
+
 def _current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
@@ -75,7 +99,7 @@ def _reset(token: object) -> bool:
 
 
 class _Scope:
-    __slots__ = ("context", "end_time", "entered", "span", "task", "thread", "token")
+    __slots__ = ("context", "end_time", "entered", "life", "span", "task", "thread", "token")
 
     def __init__(self, span: Span) -> None:
         self.span = span
@@ -85,6 +109,7 @@ class _Scope:
         task = _current_task()
         self.task = None if task is None else weakref.ref(task)
         self.entered = next(_entered)
+        self.life = _life_here()
         self.end_time: int | None = None  # set while an end waits for the entering thread
 
     def exit(self) -> None:
@@ -100,9 +125,9 @@ class _Scope:
         if threading.current_thread() is self.thread:
             self.span.end()
             self._orphan()
-        elif not self.thread.is_alive():  # nobody left to heal or end it
-            self.span.end()
-            self._restore_finished_thread()
+        elif self.life.over or not self.thread.is_alive():  # nothing left to heal or end it
+            self.end_time = time.time_ns()
+            self.end()
         else:
             self.end_time = time.time_ns()
             self._orphan()
@@ -127,6 +152,12 @@ class _Scope:
                 _exit_hook = True
                 atexit.register(_end_abandoned)
             orphans.setdefault(self.thread.ident or 0, []).append(self)
+            gone = _take(lambda scope: scope.gone())
+        _end(gone)
+
+    def gone(self) -> bool:
+        """Whether the entering Context can never run again: its thread or task finished."""
+        return self.life.over or not self.thread.is_alive() or self.abandoned()
 
     def heal(self) -> bool:
         """Restore the entering Context, if this is it and the span is still current there.
@@ -145,6 +176,8 @@ class _Scope:
         if self.end_time is not None:
             self.span.end(end_time=self.end_time)
             self.end_time = None
+        if not self.thread.is_alive():
+            self._restore_finished_thread()
 
 
 _entered = itertools.count()
@@ -170,7 +203,51 @@ def heal() -> None:
             scopes[:] = kept
         if not scopes:
             del orphans[ident]
-    for scope in done:  # outside the lock: a span processor may call back into propagate
+    _end(done)
+
+
+def end_of_context(ended: Life) -> None:
+    """The current Context ends for good (a task's): end the scopes left open in it.
+
+    A scope's token resets only in the Context that made it, which is how this one's
+    are told apart from other orphans of the thread.
+    """
+    ended.over = True
+    if not orphans:
+        return
+    ident = threading.get_ident()
+    with _lock:
+        scopes = orphans.get(ident, [])
+        scopes.sort(key=lambda scope: scope.entered, reverse=True)  # innermost first
+        done = [scope for scope in scopes if _reset_here(scope.token)]
+        _drop(ident, done)
+    _end(done)
+
+
+def _reset_here(token: object) -> bool:
+    return isinstance(token, contextvars.Token) and _reset(token)
+
+
+def _take(condition: Callable[[_Scope], bool]) -> list[_Scope]:
+    """Under ``_lock``: remove and return every orphan for which ``condition`` holds."""
+    taken = []
+    for ident, scopes in list(orphans.items()):
+        done = [scope for scope in scopes if condition(scope)]
+        _drop(ident, done)
+        taken += done
+    return taken
+
+
+def _drop(ident: int, done: list[_Scope]) -> None:
+    """Under ``_lock``: forget ``done`` among ``ident``'s orphans."""
+    if done:
+        orphans[ident] = [scope for scope in orphans[ident] if scope not in done]
+        if not orphans[ident]:
+            del orphans[ident]
+
+
+def _end(scopes: list[_Scope]) -> None:
+    for scope in scopes:  # outside the lock: a span processor may call back into propagate
         scope.end()
 
 

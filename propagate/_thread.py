@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextvars
 import functools
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _private, _span, _switch
-from ._executor import INHERITS, PLAIN, Options, bind_snapshot, submit_from_empty_context
+from . import _private, _switch
+from ._executor import (
+    INHERITS,
+    Binding,
+    Options,
+    bind_snapshot,
+    settled,
+    snapshot,
+    submit_from_empty_context,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -18,10 +25,9 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 T = TypeVar("T")
-_submit = cf.ThreadPoolExecutor.submit
 
 
-class ThreadPoolExecutor(cf.ThreadPoolExecutor):
+class ThreadPoolExecutor(cf.ThreadPoolExecutor, Binding):
     """Like `concurrent.futures.ThreadPoolExecutor`, but each task runs in the submitter's context.
 
     ``submit`` takes a snapshot of the caller's context (every ContextVar, and with it
@@ -55,9 +61,6 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor):
         self._propagate = Options.checked(task_spans, link)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        if self._propagate is PLAIN and not (_span.orphans or _switch.hook or INHERITS):
-            # bind_snapshot's hot path, inlined: on a no-op task every 100 ns shows
-            return _submit(self, contextvars.copy_context().run, fn, *args, **kwargs)  # type: ignore[arg-type]
         call, call_args, call_kwargs = bind_snapshot(fn, args, kwargs, self._propagate)
         if INHERITS:  # Python 3.14's flag: see submit_from_empty_context
             return submit_from_empty_context(super().submit, call, *call_args, **call_kwargs)
@@ -104,14 +107,12 @@ def wrap(fn: Callable[P, T]) -> Callable[P, T]:
     Each call runs in its own fresh copy of that snapshot, so the wrapper may be called
     from several threads at once, and calls never see each other's changes.
     """
-    _span.heal()
-    snapshot = contextvars.copy_context()
-    _switch.point("capture")
+    captured = snapshot()
 
     @functools.wraps(fn)
     def in_snapshot(*args: P.args, **kwargs: P.kwargs) -> T:
         if _switch.hook is not None:
-            return snapshot.copy().run(_switch.around, fn, *args, **kwargs)  # type: ignore[no-any-return]
-        return snapshot.copy().run(fn, *args, **kwargs)
+            return captured.copy().run(settled, _switch.around, fn, *args, **kwargs)  # type: ignore[no-any-return]
+        return captured.copy().run(settled, fn, *args, **kwargs)
 
     return in_snapshot

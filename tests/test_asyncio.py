@@ -432,3 +432,17 @@ def test_run_in_executor_stdlib_fork_pool_inherits_nothing() -> None:
             return await propagate.run_in_executor(pool, asyncio_tasks.unregistered)
 
     assert asyncio.run(main()) == "default"
+
+
+def test_to_thread_on_an_installed_default_executor_takes_one_snapshot() -> None:
+    """I1: after install(), to_thread and run_in_executor capture once: the executor binds."""
+    async def main() -> tuple[int, int]:
+        propagate.install()
+        with propagate.debug.jitter(0, probability=0.0, max_delay=0.0) as hook:
+            VAR.set("once")
+            assert await propagate.to_thread(VAR.get) == "once"
+            to_thread = hook.counts["capture"]
+            assert await propagate.run_in_executor(None, VAR.get) == "once"
+        return to_thread, hook.counts["capture"] - to_thread
+
+    assert asyncio.run(main()) == (1, 1)

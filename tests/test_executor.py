@@ -417,3 +417,86 @@ def test_link_alone_gives_a_linked_task_span(exporter: InMemorySpanExporter) -> 
     [task] = [s for s in exporter.get_finished_spans() if s.name == "getpid"]
     assert task.parent is None
     assert [lk.context.span_id for lk in task.links] == [caller.get_span_context().span_id]
+
+
+# -- one capture path: composes with patched stdlib pools, and never binds twice ------------
+
+
+@pytest.fixture
+def patched_stdlib_submit(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The stdlib's ThreadPoolExecutor.submit patched as instrumentations patch it."""
+    calls: list[str] = []
+    original = cf.ThreadPoolExecutor.submit
+
+    def submit(self: cf.ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        calls.append(type(self).__name__)
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(cf.ThreadPoolExecutor, "submit", submit)
+    return calls
+
+
+@pytest.mark.parametrize("task_spans", [False, True])
+def test_pools_reach_a_patched_stdlib_submit(patched_stdlib_submit: list[str],
+                                             task_spans: bool) -> None:
+    """I1: every submit goes through the stdlib's submit by the MRO, patched or not."""
+    with propagate.ThreadPoolExecutor(1, task_spans=task_spans) as pool:
+        seen = in_request(lambda: pool.submit(REQUEST_ID.get).result(timeout=WAIT))
+        assert list(pool.map(len, ["ab", "c"])) == [2, 1]
+    wrapped = propagate.wrap_executor(cf.ThreadPoolExecutor(1))
+    with wrapped:
+        assert in_request(lambda: wrapped.submit(REQUEST_ID.get).result(timeout=WAIT)) == "r-1"
+    assert seen == "r-1"
+    assert patched_stdlib_submit == ["ThreadPoolExecutor"] * 4
+
+
+def test_subclass_submit_is_honoured() -> None:
+    """Stdlib shape: a subclass overriding submit sees every call, map's included."""
+    class Counting(propagate.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+            self.submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    with Counting(1) as pool:
+        assert in_request(lambda: list(pool.map(lambda _: REQUEST_ID.get(), range(3)))) == [
+            "r-1"] * 3
+    assert pool.submitted == 3
+
+
+def in_request(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a fresh context where REQUEST_ID is "r-1"."""
+    def body() -> Any:
+        REQUEST_ID.set("r-1")
+        return fn()
+
+    return contextvars.Context().run(body)
+
+
+def captures(fn: Callable[[], Any]) -> int:
+    """How many snapshots or detached contexts propagate took while ``fn()`` ran."""
+    with propagate.debug.jitter(0, probability=0.0, max_delay=0.0) as hook:
+        fn()
+    return hook.counts["capture"]
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: propagate.ThreadPoolExecutor(1), id="threads"),
+    pytest.param(lambda: propagate.ProcessPoolExecutor(1), id="processes"),
+    pytest.param(lambda: propagate.wrap_executor(cf.ThreadPoolExecutor(1)), id="wrapped"),
+])
+def test_wrapping_a_propagate_executor_binds_once(make: Callable[[], cf.Executor]) -> None:
+    """I1: wrap_executor on an executor that already binds returns it: one capture per task."""
+    with make() as executor:
+        again = propagate.wrap_executor(executor)
+        assert again is executor
+        assert captures(lambda: again.submit(os.getpid).result(timeout=WAIT)) == 1
+
+
+def test_wrapping_with_other_options_is_refused() -> None:
+    """I7: asking a propagate executor for other options than it has fails, saying where."""
+    with propagate.ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="set them where it is made"):
+            propagate.wrap_executor(pool, task_spans=True)
+        assert propagate.wrap_executor(pool) is pool

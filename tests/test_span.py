@@ -752,3 +752,64 @@ def test_cross_thread_exit_warning_points_at_the_exiting_line() -> None:
         pass
     [(filename, lineno, line)] = seen
     assert (filename, lineno) == (__file__, line)
+
+
+# Scopes whose entering Context can never run again end promptly, and nothing is kept
+
+
+def enter_and_return(name: str) -> tuple[propagate.span, weakref.ref[trace.Span]]:
+    """A pool task that opens a scope and returns it still open."""
+    scope = propagate.span(name)
+    return scope, weakref.ref(scope.__enter__())
+
+
+def test_scope_left_open_by_a_finished_task_ends_at_its_exit(
+        exporter: InMemorySpanExporter) -> None:
+    """I4, I5: exited after its pool task ended, a scope ends there and nothing is retained."""
+    with propagate.ThreadPoolExecutor(1) as pool:
+        scope, ref = pool.submit(enter_and_return, "left-open").result(timeout=60)
+        with pytest.warns(propagate.CrossThreadExitWarning):
+            scope.__exit__(None, None, None)
+        assert finished(exporter, "left-open")  # now, not at interpreter exit
+        assert not propagate._span.orphans
+        del scope
+        gc.collect()
+        assert ref() is None, [type(r) for r in gc.get_referrers(ref())]
+
+
+def test_scope_exited_while_its_task_runs_ends_when_the_task_ends(
+        exporter: InMemorySpanExporter) -> None:
+    """I4: exited on another thread mid-task, a scope ends when the task ends, on its thread."""
+    opened, exited = threading.Event(), threading.Event()
+    box: list[propagate.span] = []
+
+    def task() -> int:
+        scope = propagate.span("mid-task")
+        scope.__enter__()
+        box.append(scope)
+        opened.set()
+        exited.wait(60)
+        return threading.get_ident()
+
+    with propagate.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(task)
+        opened.wait(60)
+        with pytest.warns(propagate.CrossThreadExitWarning):
+            box[0].__exit__(None, None, None)
+        assert not [s for s in exporter.get_finished_spans() if s.name == "mid-task"]
+        exited.set()
+        worker = future.result(timeout=60)
+    span = finished(exporter, "mid-task")
+    assert conftest.THREADS.ended[span.context.span_id] == worker
+    assert not propagate._span.orphans
+
+
+def test_many_scopes_left_open_retain_nothing(exporter: InMemorySpanExporter) -> None:
+    """I5: 2,000 scopes left open by pool tasks and exited elsewhere leave no orphan behind."""
+    with propagate.ThreadPoolExecutor(2) as pool, warnings.catch_warnings():
+        warnings.simplefilter("ignore", propagate.CrossThreadExitWarning)
+        futures = [pool.submit(enter_and_return, "many") for _ in range(2000)]
+        for future in futures:
+            future.result(timeout=60)[0].__exit__(None, None, None)
+    assert not propagate._span.orphans
+    assert len([s for s in exporter.get_finished_spans() if s.name == "many"]) == 2000
