@@ -14,7 +14,9 @@ without blocking the event loop, the blocking form on its own thread; the resolv
 ``timeout`` counts that wait. A lookup whose caller gave up (timeout, cancellation) cannot
 be stopped, so it keeps its slot until it finishes: callers that give up and retry never
 pile up work, and memory stays bounded by ``max_pending`` lookups plus the callers that are
-themselves waiting.
+themselves waiting. A caller that gives up while still in line takes no slot with it, and
+a slot on its way to a coroutine whose event loop stops or closes goes on to the next
+caller (when exactly: `_slots.Slots`).
 """
 
 from __future__ import annotations
@@ -100,8 +102,31 @@ def _copy(done: cf.Future[T], answer: asyncio.Future[T]) -> None:
         answer.set_exception(exc)
 
 
-def _lookup(getaddrinfo: GetAddrInfo, host: Host, port: Port, family: int, type: int,
-            proto: int, flags: int) -> list[AddrInfo]:
+class _Verdict:
+    """Which came first, a lookup's answer or its caller's deadline: the span says which."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answered = False
+        self._late: LookupTimeout | None = None
+
+    def answered(self) -> LookupTimeout | None:
+        """On the lookup thread, before its span ends: the timeout its caller gave up with."""
+        with self._lock:
+            self._answered = True
+            return self._late
+
+    def too_late(self, late: LookupTimeout) -> bool:
+        """The caller's time is up: False if the answer came first (the caller takes it)."""
+        with self._lock:
+            if self._answered:
+                return False
+            self._late = late
+            return True
+
+
+def _lookup(getaddrinfo: GetAddrInfo, verdict: _Verdict | None, host: Host, port: Port,
+            family: int, type: int, proto: int, flags: int) -> list[AddrInfo]:
     """On a lookup thread, in the caller's snapshot: the span is entered and exited here."""
     span = _TRACER.start_span("dns.lookup", attributes=_question(host, port))
     token = otel_context.attach(trace.set_span_in_context(span))
@@ -116,11 +141,18 @@ def _lookup(getaddrinfo: GetAddrInfo, host: Host, port: Port, family: int, type:
     except BaseException as exc:
         if span.is_recording():
             span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{exc.__class__.__name__}: {exc}"))
+            span.set_status(_error(exc))
         raise
     finally:
+        late = None if verdict is None else verdict.answered()  # no timeout: never late
+        if late is not None:  # what the caller got: the lookup's own error is an event
+            span.set_status(_error(late))
         otel_context.detach(token)
         span.end()
+
+
+def _error(exc: BaseException) -> Status:
+    return Status(StatusCode.ERROR, f"{exc.__class__.__name__}: {exc}")
 
 
 def _question(host: Host, port: Port) -> dict[str, AttributeValue]:
@@ -148,7 +180,8 @@ class Resolver:
     ``server.port`` (the port asked about; a service name stays a string),
     ``dns.answer.count`` (entries returned), ``dns.answers`` (distinct addresses),
     ``thread.name`` and ``thread.id``; a failed lookup's span records the error and has
-    status ERROR. Errors reach the caller unchanged.
+    status ERROR, and so has the span of a lookup whose caller timed out
+    (``LookupTimeout: ...``). Errors reach the caller unchanged.
 
     ``timeout`` (seconds, None for none) bounds each call, waiting for a slot included,
     and raises `LookupTimeout`. At most ``max_pending`` lookups (default ``8 *
@@ -182,7 +215,9 @@ class Resolver:
 
     @property
     def pending(self) -> int:
-        """The number of lookups running or queued now (at most ``max_pending``)."""
+        """Slots taken now (at most ``max_pending``): lookups running or queued, and slots on
+        their way to a caller in line. Reading it takes back a slot stranded on a stopped loop.
+        """
         return self._slots.taken
 
     async def getaddrinfo(self, host: Host, port: Port, family: int = 0, type: int = 0,
@@ -198,18 +233,21 @@ class Resolver:
             raise self._no_slot(host)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[list[AddrInfo]] = loop.create_future()
+        verdict = None if deadline is None else _Verdict()
         # cancelling ``answer`` (the caller gave up) leaves the lookup alone
-        self._submit((host, port, family, type, proto, flags),
+        self._submit(verdict, (host, port, family, type, proto, flags),
                      functools.partial(_settle, self._slots, loop, answer))
-        if deadline is None:
+        if verdict is None:
             return await answer  # cancelling the caller cancels ``answer`` only
         try:
+            # not ``await answer``: the finally below must not wake a task on a closed loop
             await asyncio.wait((answer,), timeout=self._left(deadline))
+            if not answer.done():
+                self._time_up(verdict, host)
+                await asyncio.wait((answer,))  # answered as time ran out: on its way
+            return answer.result()
         finally:
-            timed_out = answer.cancel()  # a no-op once answered
-        if timed_out:
-            raise self._too_long(host)
-        return answer.result()
+            answer.cancel()  # a no-op once answered; else the lookup goes on, unheard (_copy)
 
     def resolve(self, host: Host, port: Port, family: int = 0, type: int = 0, proto: int = 0,
                 flags: int = 0) -> list[AddrInfo]:
@@ -222,13 +260,12 @@ class Resolver:
         deadline = self._deadline()
         if not self._slots.take(self._left(deadline)):
             raise self._no_slot(host)
-        future = self._submit((host, port, family, type, proto, flags), self._slots.give)
-        if deadline is None:
-            return future.result()
-        done, _ = cf.wait((future,), self._left(deadline))
-        if not done:
-            raise self._too_long(host)
-        return future.result()
+        verdict = None if deadline is None else _Verdict()
+        future = self._submit(verdict, (host, port, family, type, proto, flags),
+                              self._slots.give)
+        if verdict is not None and not cf.wait((future,), self._left(deadline)).done:
+            self._time_up(verdict, host)
+        return future.result()  # if answered as time ran out: as soon as its span has ended
 
     def close(self, wait: bool = True) -> None:
         """Refuse new lookups; those running or queued still finish (``wait``: block until then)."""
@@ -246,12 +283,12 @@ class Resolver:
         state = "closed" if self._closed else f"{self.pending}/{self.max_pending} pending"
         return f"<propagate.dns.Resolver {state}, timeout={self.timeout!r}>"
 
-    def _submit(self, question: tuple[Host, Port, int, int, int, int],
+    def _submit(self, verdict: _Verdict | None, question: tuple[Host, Port, int, int, int, int],
                 done: Callable[[cf.Future[list[AddrInfo]]], object]) -> cf.Future[list[AddrInfo]]:
         """Queue a lookup for a slot already taken; ``done`` must give the slot back."""
         try:
             self._check_open()
-            future = self._pool.submit(_lookup, self._getaddrinfo, *question)
+            future = self._pool.submit(_lookup, self._getaddrinfo, verdict, *question)
         except BaseException:
             self._slots.give()
             self._check_open()  # closed between the check and submit: say so, not the pool
@@ -270,9 +307,12 @@ class Resolver:
     def _left(deadline: float | None) -> float | None:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _too_long(self, host: Host) -> LookupTimeout:
-        return LookupTimeout(errno.ETIMEDOUT,
+    def _time_up(self, verdict: _Verdict, host: Host) -> None:
+        """Raise `LookupTimeout`, and mark the lookup's span, unless the answer came first."""
+        late = LookupTimeout(errno.ETIMEDOUT,
                              f"lookup of {host!r} took longer than {self.timeout} s")
+        if verdict.too_late(late):
+            raise late
 
     def _no_slot(self, host: Host) -> LookupTimeout:
         return LookupTimeout(errno.ETIMEDOUT, f"lookup of {host!r} waited {self.timeout} s for "

@@ -14,6 +14,7 @@ import gc
 import logging
 import multiprocessing
 import pickle
+import random
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,6 +39,7 @@ from opentelemetry.trace import StatusCode
 
 import propagate
 import propagate.dns
+from propagate._slots import Slots
 from propagate.dns import AiohttpResolver, LookupTimeout, Resolver
 
 from . import conftest
@@ -60,6 +62,7 @@ class SlowLookup:
         self.seen_pending: list[int] = []  # the resolver's pending count at each call
         self.seen_held: list[int] = []  # its pool's queued work items plus those running
         self.watch: Resolver | None = None  # the resolver whose counts to record at each call
+        self.delays: dict[Any, float] = {}  # seconds to take, once released, by port
         self._lock = threading.Lock()
 
     def __call__(self, host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
@@ -71,10 +74,13 @@ class SlowLookup:
             self.most_running = max(self.most_running, self.running)
             if self.watch is not None:
                 self.seen_pending.append(self.watch.pending)
-                self.seen_held.append(self.watch._pool._work_queue.qsize() + self.running)
+                queued = self.watch._pool._work_queue.qsize()
+                if not self.watch._closed:  # else the queue may hold close()'s Nones
+                    self.seen_held.append(queued + self.running)
         try:
             if not self.release.wait(WAIT):
                 raise RuntimeError("the test never released the slow lookup")
+            time.sleep(self.delays.get(port, 0.0))
             return socket.getaddrinfo(host, port, family, type, proto, flags)
         finally:
             with self._lock:
@@ -102,6 +108,42 @@ async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+class LoopThread:
+    """An event loop run by a thread of its own, which the test stops, restarts and closes."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread()
+        self.start()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        wait_until(self.loop.is_running)
+
+    def stop(self) -> None:
+        """Stop the loop, leaving what it has not run yet for a restart."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+
+    def close(self) -> None:
+        """Close the loop without running its tasks, then close their coroutines.
+
+        That is what the garbage collector does to them, done now: it must give back
+        nothing more than they hold.
+        """
+        if self.loop.is_running():
+            self.stop()
+        self.loop.close()
+        for task in asyncio.all_tasks(self.loop):
+            task._log_destroy_pending = False  # type: ignore[attr-defined]  # left on purpose
+            task.get_coro().close()
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> cf.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
 
 def lookup_threads() -> dict[int, str]:
@@ -399,9 +441,10 @@ def test_gaierror_reaches_the_caller_unchanged(exporter: InMemorySpanExporter) -
     with pytest.raises(socket.gaierror) as direct:
         socket.getaddrinfo("localhost", "no-such-service")
     assert type(async_error) is socket.gaierror and async_error.args == direct.value.args
-    for span in lookups(exporter):
+    for span, error in zip(sorted(lookups(exporter), key=lambda s: s.start_time or 0), raised,
+                           strict=True):
         assert span.status.status_code is StatusCode.ERROR
-        assert "gaierror" in (span.status.description or "")
+        assert span.status.description == f"gaierror: {error}"
         assert [e.name for e in span.events] == ["exception"]
         assert span.attributes is not None and span.attributes["server.port"] == "no-such-service"
         started = conftest.THREADS.started[span.context.span_id]
@@ -422,8 +465,9 @@ def test_lookup_timeout_is_every_timeout_error() -> None:
 
 
 def test_timeout_async(exporter: InMemorySpanExporter) -> None:
-    """I4: a timeout raises asyncio.TimeoutError; the lookup goes on and ends on its thread."""
+    """I4: a timeout raises asyncio.TimeoutError; the lookup goes on; its span ends ERROR, there."""
     slow = SlowLookup()
+    raised: list[BaseException] = []
     with released(slow), Resolver(max_workers=1, timeout=0.05, getaddrinfo=slow) as resolver:
         async def body(caller: trace.Span) -> trace.Span:
             with pytest.raises(asyncio.TimeoutError) as info:
@@ -431,6 +475,7 @@ def test_timeout_async(exporter: InMemorySpanExporter) -> None:
             assert isinstance(info.value, TimeoutError)
             assert isinstance(info.value, LookupTimeout)
             assert "took longer than 0.05 s" in str(info.value)
+            raised.append(info.value)
             return caller
 
         caller = in_span(body)
@@ -441,12 +486,14 @@ def test_timeout_async(exporter: InMemorySpanExporter) -> None:
     span = only_lookup(exporter)  # close() waited for it
     assert_child_on_lookup_thread(span, caller, threads)
     assert conftest.THREADS.started[span.context.span_id] in slow.threads
-    assert span.status.status_code is StatusCode.UNSET
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == f"LookupTimeout: {raised[0]}"
+    assert span.events == ()  # the lookup itself raised nothing
     assert resolver.pending == 0
 
 
 def test_timeout_blocking(exporter: InMemorySpanExporter) -> None:
-    """I4: resolve() raises cf.TimeoutError on timeout; the span ends later, on its thread."""
+    """I4: resolve() raises cf.TimeoutError on timeout; the span ends ERROR later, on its thread."""
     slow = SlowLookup()
     with released(slow), Resolver(max_workers=1, timeout=0.05, getaddrinfo=slow) as resolver:
         with propagate.span("caller") as caller, pytest.raises(cf.TimeoutError) as info:
@@ -456,7 +503,61 @@ def test_timeout_blocking(exporter: InMemorySpanExporter) -> None:
         assert lookups(exporter) == []
         slow.release.set()
         threads = lookup_threads()
-    assert_child_on_lookup_thread(only_lookup(exporter), caller, threads)
+    span = only_lookup(exporter)
+    assert_child_on_lookup_thread(span, caller, threads)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == f"LookupTimeout: {info.value}"
+    assert "took longer than 0.05 s" in span.status.description
+
+
+def test_lookup_failing_after_its_timeout(exporter: InMemorySpanExporter) -> None:
+    """API: a lookup failing after its caller timed out says LookupTimeout; its error's an event."""
+    slow = SlowLookup()
+    with released(slow), Resolver(max_workers=1, timeout=0.05, getaddrinfo=slow) as resolver:
+        with pytest.raises(LookupTimeout) as info:
+            resolver.resolve("localhost", "no-such-service")
+        slow.release.set()
+    span = only_lookup(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == f"LookupTimeout: {info.value}"
+    [event] = span.events
+    assert event.attributes is not None
+    assert str(event.attributes["exception.type"]).endswith("gaierror")
+
+
+@pytest.mark.parametrize("form", ["async", "blocking"])
+def test_answer_as_time_runs_out(form: str, exporter: InMemorySpanExporter,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """API: an answer in before the caller's time is up is the caller's; its span is not ERROR."""
+    # Force the tie: the deadline passes after the lookup has answered but before its span
+    # ends (and so before its future is done).
+    answered, gave_up = threading.Event(), threading.Event()
+    verdict = propagate.dns._Verdict
+    real_answered, real_too_late = verdict.answered, verdict.too_late
+
+    def answered_then_hold(self: Any) -> Any:
+        late = real_answered(self)
+        answered.set()
+        gave_up.wait(WAIT)
+        return late
+
+    def too_late_once_answered(self: Any, late: LookupTimeout) -> bool:
+        answered.wait(WAIT)
+        try:
+            return real_too_late(self, late)
+        finally:
+            gave_up.set()
+
+    monkeypatch.setattr(verdict, "answered", answered_then_hold)
+    monkeypatch.setattr(verdict, "too_late", too_late_once_answered)
+    with Resolver(max_workers=1, timeout=0.01) as resolver:
+        if form == "async":
+            answer = asyncio.run(resolver.getaddrinfo("localhost", 80))
+        else:
+            answer = resolver.resolve("localhost", 80)
+    assert gave_up.is_set()
+    assert answer == socket.getaddrinfo("localhost", 80)
+    assert only_lookup(exporter).status.status_code is StatusCode.UNSET
 
 
 def test_lookup_raising_timeout_error_is_not_a_lookup_timeout(
@@ -600,6 +701,406 @@ def test_blocking_callers_wait_their_turn(exporter: InMemorySpanExporter) -> Non
             resolver.resolve("localhost", 80)  # waits for a slot, in vain
         assert len(slow.calls) == 1
         slow.release.set()
+
+
+def test_cancelled_waiters_leave_the_cap_intact(exporter: InMemorySpanExporter) -> None:
+    """I7: callers cancelled while waiting for a slot free none: pending stays exact, not < 0."""
+    slow = SlowLookup()
+    with released(slow), Resolver(max_workers=8, max_pending=2, getaddrinfo=slow) as resolver:
+        slow.watch = resolver
+
+        async def main() -> list[Any]:
+            first = [asyncio.ensure_future(resolver.getaddrinfo("localhost", 9000 + i))
+                     for i in range(8)]
+            await until(lambda: len(slow.calls) == 2 and len(resolver._slots._line) == 6)
+            for task in first[2:]:
+                task.cancel()
+            gone = await asyncio.gather(*first[2:], return_exceptions=True)
+            assert all(isinstance(e, asyncio.CancelledError) for e in gone)
+            assert resolver.pending == 2 and not resolver._slots._line
+            then = [asyncio.ensure_future(resolver.getaddrinfo("localhost", 9100 + i))
+                    for i in range(4)]
+            await until(lambda: len(resolver._slots._line) == 4)  # the cap still holds
+            assert len(slow.calls) == 2
+            slow.release.set()
+            return await asyncio.gather(*first[:2], *then)
+
+        answers = asyncio.run(main())
+    assert len(answers) == 6 and len(slow.calls) == 6
+    assert slow.most_running == 2 and 0 <= min(slow.seen_pending) <= max(slow.seen_pending) <= 2
+    assert resolver.pending == 0
+
+
+@pytest.mark.parametrize("cancel_first", [False, True])
+def test_cancelled_as_its_slot_comes(cancel_first: bool) -> None:
+    """I7: a waiter cancelled in the loop turn its slot is offered passes the slot on, once."""
+    slots = Slots(1)
+
+    async def main() -> None:
+        assert slots.take_now()
+        waiter = asyncio.ensure_future(slots.take_async(None))
+        await until(lambda: len(slots._line) == 1)
+        if cancel_first:
+            waiter.cancel()
+        slots.give()  # offered: the waiter has not run since
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert slots.taken == 0 and slots._free == 1
+
+    asyncio.run(main())
+
+
+def test_wait_for_retries_keep_the_cap(exporter: InMemorySpanExporter) -> None:
+    """I7: callers retrying with asyncio.wait_for never run more than max_pending lookups."""
+    slow = SlowLookup()
+    with released(slow), Resolver(max_workers=32, max_pending=4, getaddrinfo=slow) as resolver:
+        slow.watch = resolver
+
+        async def retry(i: int) -> Any:
+            for attempt in range(3):
+                try:
+                    return await asyncio.wait_for(
+                        resolver.getaddrinfo("localhost", 9000 + 10 * i + attempt), 0.02)
+                except asyncio.TimeoutError:
+                    assert 0 <= resolver.pending <= 4
+            return None
+
+        async def main() -> list[Any]:
+            given_up = await asyncio.gather(*(retry(i) for i in range(40)))
+            assert given_up == [None] * 40
+            assert resolver.pending == 4 and len(slow.calls) == 4
+            slow.release.set()
+            return await asyncio.gather(*(retry(i) for i in range(40, 50)))
+
+        answers = asyncio.run(main())
+    assert all(answers)
+    assert slow.most_running <= 4 and max(slow.seen_pending) <= 4
+    assert resolver.pending == 0
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_slot_offered_to_a_stopped_loop_goes_on(exporter: InMemorySpanExporter) -> None:
+    """I7: a slot offered to a waiter on a stopped loop goes on; the waiter resumes with it."""
+    slow = SlowLookup()
+    loop = LoopThread()
+    with released(slow), Resolver(max_workers=2, max_pending=1, getaddrinfo=slow) as resolver:
+        holder, _ = _in_thread(lambda: resolver.resolve("localhost", 1))
+        wait_until(lambda: len(slow.calls) == 1)
+        stopped = loop.run(resolver.getaddrinfo("localhost", 2))
+        wait_until(lambda: len(resolver._slots._line) == 1)
+        blocking, answer = _in_thread(lambda: resolver.resolve("localhost", 3))
+        wait_until(lambda: len(resolver._slots._line) == 2)
+        loop.stop()
+        slow.release.set()  # the slot goes to the stopped loop's waiter first, then on
+        blocking.join(WAIT)
+        assert answer == [socket.getaddrinfo("localhost", 3)]
+        wait_until(lambda: resolver.pending == 0)  # its lookup's callback gives the slot back
+        assert not stopped.done()
+        loop.start()  # the waiter lines up again, and takes the free slot
+        assert stopped.result(WAIT) == socket.getaddrinfo("localhost", 2)
+        holder.join(WAIT)
+    loop.close()
+    assert [port for _, port in slow.calls] == [1, 3, 2]
+
+
+@pytest.mark.parametrize("next_caller", ["reads pending", "thread", "coroutine"])
+def test_slot_stranded_on_a_loop_that_stopped_after_the_offer(
+        next_caller: str, exporter: InMemorySpanExporter) -> None:
+    """I7: a slot offered to a loop that then stops goes on at a read of pending, or a recheck."""
+    slow = SlowLookup()
+    loop, other = LoopThread(), LoopThread()
+    busy, go = threading.Event(), threading.Event()
+
+    def hold_then_stop() -> None:  # the loop is running, but runs nothing else meanwhile
+        busy.set()
+        go.wait(WAIT)
+        loop.loop.stop()  # the offer queued meanwhile is left for the next run
+
+    with released(slow), Resolver(max_workers=2, max_pending=1, getaddrinfo=slow) as resolver:
+        resolver._slots.recheck = WAIT * 2 if next_caller == "reads pending" else 0.05
+        holder, _ = _in_thread(lambda: resolver.resolve("localhost", 1))
+        wait_until(lambda: len(slow.calls) == 1)
+        stranded = loop.run(resolver.getaddrinfo("localhost", 2))
+        wait_until(lambda: len(resolver._slots._line) == 1)
+        if next_caller == "coroutine":
+            answer = other.run(resolver.getaddrinfo("localhost", 3))
+        else:
+            answer = cf.Future()
+            _in_thread(lambda: answer.set_result(resolver.resolve("localhost", 3)))
+        wait_until(lambda: len(resolver._slots._line) == 2)
+        loop.loop.call_soon_threadsafe(hold_then_stop)
+        busy.wait(WAIT)
+        slow.release.set()
+        wait_until(lambda: bool(resolver._slots._offered))  # to the waiter on the running loop
+        slow.release.clear()
+        go.set()
+        loop.thread.join(WAIT)
+        if next_caller == "reads pending":
+            assert resolver.pending == 1  # reading it passed the slot on
+        wait_until(lambda: len(slow.calls) == 2)
+        slow.release.set()
+        assert answer.result(WAIT) == socket.getaddrinfo("localhost", 3)
+        wait_until(lambda: resolver.pending == 0)
+        assert not stranded.done()
+        holder.join(WAIT)
+    for lt in (loop, other):
+        lt.close()
+    assert resolver._slots._free == 1 and [port for _, port in slow.calls] == [1, 3]
+
+
+def test_slot_offered_to_a_closed_loop_goes_on(exporter: InMemorySpanExporter) -> None:
+    """I7: a slot offered to a waiter on a closed loop goes on; closing the waiter frees no more."""
+    slow = SlowLookup()
+    loop = LoopThread()
+    with released(slow), Resolver(max_workers=2, max_pending=1, getaddrinfo=slow) as resolver:
+        holder, _ = _in_thread(lambda: resolver.resolve("localhost", 1))
+        wait_until(lambda: len(slow.calls) == 1)
+        loop.run(resolver.getaddrinfo("localhost", 2))
+        wait_until(lambda: len(resolver._slots._line) == 1)
+        loop.stop()
+        loop.loop.close()  # its waiter is still in line
+        blocking, answer = _in_thread(lambda: resolver.resolve("localhost", 3))
+        wait_until(lambda: len(resolver._slots._line) == 2)
+        slow.release.set()
+        for thread in (holder, blocking):
+            thread.join(WAIT)
+        assert answer == [socket.getaddrinfo("localhost", 3)]
+        wait_until(lambda: resolver.pending == 0)
+        loop.close()  # the waiter's coroutine is closed: it held nothing
+        assert resolver.pending == 0 and resolver._slots._free == 1
+    assert [port for _, port in slow.calls] == [1, 3]
+    closed = weakref.ref(loop.loop)
+    del loop
+    gc.collect()
+    assert closed() is None  # nothing of the resolver's keeps a closed loop (I9)
+
+
+# the cap under random interleavings
+
+NOTHING = object()  # no outcome yet: the caller is still waiting, or gone with its loop
+
+
+class Caller:
+    """One caller of an interleaving: how it asks, on which loop, and what it got."""
+
+    def __init__(self, kind: str, ports: list[int], loop: LoopThread | None,
+                 wait_for: float = 0.0) -> None:
+        self.kind = kind  # "async", "wait_for" (retries on timeout), "sync"
+        self.ports = ports  # one per attempt
+        self.loop = loop
+        self.wait_for = wait_for
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelled = False  # the test asked for its cancellation
+        self.outcome: Any = NOTHING
+
+
+class Interleaving:
+    """A seeded mix of callers, cancellations, loops stopping and closing, and a resolver close.
+
+    Lookups are the real ``socket.getaddrinfo("localhost", port)`` held at a gate the run
+    opens and closes, with a delay per port, counting how many run at once (`SlowLookup`).
+    Every random choice is made here, on the test's thread, so a seed replays the same
+    script (the threads still interleave as the OS schedules them).
+    """
+
+    ACTIONS = ("call",) * 6 + ("cancel", "gate", "stop", "stop", "restart", "restart", "pause",
+                               "close_loop", "close_resolver")
+
+    def __init__(self, seed: int) -> None:
+        self.rng = rng = random.Random(seed)
+        self.cap = rng.randint(1, 4)
+        self.lookup = SlowLookup()
+        self.resolver = Resolver(max_workers=self.cap + 3, max_pending=self.cap,
+                                 timeout=rng.choice((None, None, 0.01, 0.03)),
+                                 getaddrinfo=self.lookup)
+        self.resolver._slots.recheck = 0.02  # a slot stranded on a stopped loop comes back soon
+        self.lookup.watch = self.resolver
+        self.loops = [LoopThread() for _ in range(rng.randint(1, 3))]
+        self.closed_loops: set[LoopThread] = set()
+        self.callers: list[Caller] = []
+        self.threads: list[threading.Thread] = []
+        self.said: dict[int, Any] = {}  # what each attempt's caller got, by port
+        self.resolver_closed = False
+        self._ports = iter(range(20000, 60000))
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            getattr(self, self.rng.choice(self.ACTIONS))()
+            assert 0 <= self.resolver.pending <= self.cap
+        self.finish()
+
+    def running_loops(self) -> list[LoopThread]:
+        return [lt for lt in self.loops if lt.loop.is_running()]
+
+    def stopped_loops(self) -> list[LoopThread]:
+        return [lt for lt in self.loops
+                if lt not in self.closed_loops and not lt.loop.is_running()]
+
+    # actions
+
+    def call(self) -> None:
+        kinds = ("async", "wait_for", "sync") if self.running_loops() else ("sync",)
+        kind = self.rng.choice(kinds)
+        attempts = self.rng.randint(1, 3) if kind == "wait_for" else 1
+        ports = [next(self._ports) for _ in range(attempts)]
+        for port in ports:
+            self.lookup.delays[port] = self.rng.choice((0.0, 0.0, 0.002, 0.01))
+        loop = self.rng.choice(self.running_loops()) if kind != "sync" else None
+        caller = Caller(kind, ports, loop, self.rng.uniform(0.002, 0.03))
+        self.callers.append(caller)
+        if loop is None:
+            thread = threading.Thread(target=self.resolve, args=(caller,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        else:
+            loop.run(self.ask(caller))
+
+    def cancel(self) -> None:
+        waiting = [c for c in self.callers if c.task is not None and c.outcome is NOTHING
+                   and c.loop not in self.closed_loops]
+        if waiting:
+            caller = self.rng.choice(waiting)
+            caller.cancelled = True
+            assert caller.loop is not None and caller.task is not None
+            caller.loop.loop.call_soon_threadsafe(caller.task.cancel)
+
+    def gate(self) -> None:
+        if self.lookup.release.is_set():
+            self.lookup.release.clear()
+        else:
+            self.lookup.release.set()
+
+    def stop(self) -> None:
+        if self.running_loops():
+            self.rng.choice(self.running_loops()).stop()
+
+    def restart(self) -> None:
+        if self.stopped_loops():
+            self.rng.choice(self.stopped_loops()).start()
+
+    def close_loop(self) -> None:
+        open_loops = [lt for lt in self.loops if lt not in self.closed_loops]
+        if open_loops and self.rng.random() < 0.3:
+            self.close(self.rng.choice(open_loops))
+
+    def close_resolver(self) -> None:
+        if self.rng.random() < 0.1:
+            self.resolver_closed = True
+            self.resolver.close(wait=False)
+
+    def pause(self) -> None:
+        time.sleep(self.rng.choice((0.001, 0.005, 0.02)))
+
+    def close(self, lt: LoopThread) -> None:
+        self.closed_loops.add(lt)
+        lt.close()
+
+    # the callers
+
+    def resolve(self, caller: Caller) -> None:
+        try:
+            caller.outcome = self.resolver.resolve("localhost", caller.ports[0])
+        except Exception as exc:
+            caller.outcome = exc
+        self.said[caller.ports[0]] = caller.outcome
+
+    async def ask(self, caller: Caller) -> None:
+        caller.task = asyncio.current_task()
+        for port in caller.ports:
+            try:
+                self.said[port] = outcome = await self.attempt(caller, port)
+            except asyncio.TimeoutError as exc:
+                self.said[port] = outcome = exc  # a wait_for caller tries again, on a new port
+            except (Exception, asyncio.CancelledError) as exc:  # not GeneratorExit: loop closed
+                self.said[port] = outcome = exc
+                break
+            else:
+                break
+        caller.outcome = outcome
+
+    def attempt(self, caller: Caller, port: int) -> Awaitable[Any]:
+        lookup = self.resolver.getaddrinfo("localhost", port)
+        return asyncio.wait_for(lookup, caller.wait_for) if caller.kind == "wait_for" else lookup
+
+    # the end
+
+    def finish(self) -> None:
+        """Let everything finish, then check the cap held and every slot came back."""
+        self.lookup.release.set()
+        stopped = self.stopped_loops()
+        for lt in stopped:
+            if self.rng.random() < 0.5:
+                lt.start()  # its waiters go on; the others stay stopped till the end
+        wait_until(lambda: all(c.outcome is not NOTHING for c in self.callers
+                               if c.loop is None or c.loop.loop.is_running()))
+        self.resolver.close(wait=True)
+        for thread in self.threads:
+            thread.join(WAIT)
+        wait_until(lambda: self.resolver.pending == 0)  # what stopped loops were offered, back
+        slots = self.resolver._slots
+        assert slots._free == self.cap and not slots._line and not slots._offered
+        for lt in self.loops:
+            if lt not in self.closed_loops:
+                self.close(lt)
+        assert slots._free == self.cap  # closing the waiters left behind gave back nothing more
+        assert self.lookup.most_running <= self.cap
+        assert min(self.lookup.seen_pending, default=0) >= 0
+        assert max(self.lookup.seen_pending + self.lookup.seen_held, default=0) <= self.cap
+
+    def expected(self, caller: Caller) -> bool:
+        """Whether ``caller.outcome`` is one this caller may get."""
+        outcome = caller.outcome
+        if outcome is NOTHING:
+            return caller.loop in self.closed_loops
+        if isinstance(outcome, list):
+            [port] = {info[4][1] for info in outcome}
+            return port in caller.ports and outcome == socket.getaddrinfo("localhost", port)
+        if isinstance(outcome, asyncio.CancelledError):
+            return caller.cancelled
+        if isinstance(outcome, LookupTimeout):
+            return self.resolver.timeout is not None
+        if isinstance(outcome, asyncio.TimeoutError):
+            return caller.kind == "wait_for"
+        return (isinstance(outcome, RuntimeError) and "after close()" in str(outcome)
+                and self.resolver_closed)
+
+    def check_spans(self, exporter: InMemorySpanExporter) -> None:
+        """One span per lookup, ended on its thread, ERROR exactly when its caller timed out."""
+        spans = lookups(exporter)
+        assert len(spans) == len(self.lookup.calls)
+        for span in spans:
+            assert span.attributes is not None
+            said = self.said.get(int(str(span.attributes["server.port"])))
+            took_too_long = isinstance(said, LookupTimeout) and "took longer" in str(said)
+            assert (span.status.status_code is StatusCode.ERROR) == took_too_long, (said, span)
+            if took_too_long:
+                assert span.status.description == f"LookupTimeout: {said}"
+            started = conftest.THREADS.started[span.context.span_id]
+            assert conftest.THREADS.ended[span.context.span_id] == started
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_cap_holds_under_random_interleavings(seed: int, exporter: InMemorySpanExporter) -> None:
+    """I7: whatever callers, cancels, loops and close() do, the cap holds and pending ends at 0."""
+    run = Interleaving(seed)
+    try:
+        run.run(steps=60)
+    finally:
+        run.lookup.release.set()
+        for lt in run.loops:
+            if not lt.loop.is_closed():
+                run.close(lt)
+        run.resolver.close(wait=True)
+    unexpected = [(c.kind, c.cancelled, c.outcome) for c in run.callers if not run.expected(c)]
+    assert unexpected == []
+    run.check_spans(exporter)
 
 
 # lifetime
