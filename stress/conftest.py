@@ -5,8 +5,8 @@ Every test takes the `run` fixture. It gives the test its seed, its size (``quic
 and without ``propagate.debug.jitter`` (a parameter); and after the test fails it if a
 thread or child process it started is still running. The test ends with
 ``run.verify(...)``, which asserts the invariants every workload shares (no mismatch, no
-"Failed to detach context", every span ended on its starting thread and none left open)
-and records the figures that the summary at the end of the session prints.
+stall, no "Failed to detach context", every span ended on its starting thread and none
+left open) and records the figures that the summary at the end of the session prints.
 
 ``STRESS_REPORT=path`` also writes the figures there, as JSON.
 
@@ -32,15 +32,18 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from workload import Affinity, DetachFailures, Tally
+from workload import HARD, WAIT, Affinity, Deadline, DetachFailures, Tally
 
 import propagate.debug
 
 SCALES = ("quick", "long")
 JITTER_PROBABILITY = 0.05  # a sleep at one switch point in twenty...
 JITTER_MAX_DELAY = 0.001  # ...of up to 1 ms: reorders threads, keeps the quick suite quick
-GRACE = 15.0  # seconds for threads and processes that are finishing
-LONG_TIMEOUT = 3600  # pytest-timeout per test in the long suite (setup.cfg's 300 is for quick)
+GRACE = 15.0  # seconds without progress for threads, processes and spans that are finishing
+LONG_TIMEOUT = 3600  # pytest-timeout per test in the long suite...
+# ...and in the quick one: a last resort for a hang no wait of the harness bounds. It counts
+# from the start, so it is no less than a wait's hard bound (setup.cfg's 300 is for tests/)
+QUICK_TIMEOUT = max(300, HARD * WAIT)
 
 AFFINITY = Affinity()
 DETACH_FAILURES = DetachFailures()
@@ -106,9 +109,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.stash[SCALE] == "long":
-        for item in items:
-            item.add_marker(pytest.mark.timeout(LONG_TIMEOUT))
+    timeout = max(LONG_TIMEOUT, QUICK_TIMEOUT) if config.stash[SCALE] == "long" else QUICK_TIMEOUT
+    for item in items:
+        item.add_marker(pytest.mark.timeout(timeout))
 
 
 class Run:
@@ -161,16 +164,23 @@ class Run:
         __tracebackhide__ = True
         self.verified = True
         spans = self.spans()
-        open_deadline = time.monotonic() + GRACE
-        while spans["open"] and time.monotonic() < open_deadline:  # a span ending right now
+        deadline = Deadline(GRACE)
+        while spans["open"] and deadline.left() > 0:  # spans ending right now
             time.sleep(0.01)
-            spans = self.spans()
+            before, spans = spans, self.spans()
+            if len(spans["open"]) < len(before["open"]):
+                deadline.moved()
         failures = []
         if self.tally.mismatches:
             failures.append(f"{self.tally.mismatches} mismatches; the first:\n    "
                             + "\n    ".join(self.tally.first))
+        if self.tally.stalls:
+            failures.append(f"{self.tally.stalls} stalls (waits that ran out: hangs, not wrong "
+                            "contexts); the first:\n    "
+                            + "\n    ".join(self.tally.first_stalls))
         if tasks is not None and self.tally.tasks != tasks:
-            failures.append(f"{self.tally.tasks} tasks checked, expected {tasks}")
+            failures.append(f"{self.tally.tasks} tasks checked, expected {tasks}"
+                            + (" (a stall cut some short)" if self.tally.stalls else ""))
         detached = DETACH_FAILURES.count - self._detach
         if detached:
             failures.append(f'{detached} "Failed to detach context" records: '
@@ -196,6 +206,7 @@ class Run:
             "base_seed": self.base_seed, "jitter": self.jitter,
             "delays": self.hook.delays if self.hook else 0,
             "tasks": self.tally.tasks, "mismatches": self.tally.mismatches,
+            "stalls": self.tally.stalls,
             "detach_failures": DETACH_FAILURES.count - self._detach,
             "spans": spans["ended"], "relayed": sum(spans["relayed"].values()),
             "wrong_thread": spans["wrong_thread"], "open_spans": len(spans["open"]),
@@ -226,14 +237,18 @@ RUN = pytest.StashKey[Run]()
 
 
 def _left_behind(threads: set[threading.Thread], children: set[Any]) -> list[str]:
-    """Threads and child processes not there before, after up to `GRACE` seconds to finish."""
-    deadline = time.monotonic() + GRACE
+    """Threads and child processes not there before, once `GRACE` seconds pass with none
+    of them finishing."""
+    deadline, before = Deadline(GRACE), None
     while True:
         left = [f"thread {t.name!r}" for t in threading.enumerate() if t not in threads]
         left += [f"process {p.name!r} (pid {p.pid})"
                  for p in multiprocessing.active_children() if p not in children]
-        if not left or time.monotonic() > deadline:
+        if before is not None and len(left) < before:
+            deadline.moved()
+        if not left or deadline.left() <= 0:
             return left
+        before = len(left)
         time.sleep(0.05)
 
 
@@ -272,18 +287,20 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     write = terminalreporter.write_line
     terminalreporter.section("stress figures")
     rows = sorted(_FIGURES, key=lambda f: f["nodeid"])
-    write(f"{'workload':<72} {'tasks':>9} {'mism':>5} {'spans':>9} {'relayed':>7} "
-          f"{'sleeps':>6} {'wall s':>7}  retained")
+    write(f"{'workload':<72} {'tasks':>9} {'mism':>5} {'stall':>5} {'spans':>9} "
+          f"{'relayed':>7} {'sleeps':>6} {'wall s':>7}  retained")
     for f in rows:
         name = f["nodeid"].split("/")[-1]
         flag = "" if f["outcome"] == "ok" else "  FAILED"
-        write(f"{name:<72.72} {f['tasks']:>9,} {f['mismatches']:>5} {f['spans']:>9,} "
-              f"{f['relayed']:>7,} {f['delays']:>6,} {f['wall']:>7.1f}  {_memory(f)}{flag}")
+        write(f"{name:<72.72} {f['tasks']:>9,} {f['mismatches']:>5} {f['stalls']:>5} "
+              f"{f['spans']:>9,} {f['relayed']:>7,} {f['delays']:>6,} {f['wall']:>7.1f}  "
+              f"{_memory(f)}{flag}")
     total = sum(f["tasks"] for f in rows)
     worst = [f["memory"] for f in rows if f["memory"]]
     write(f"scale={rows[0]['scale']} base seed={rows[0]['base_seed']} "
           f"(replay: --stress-seed={rows[0]['base_seed']}): {len(rows)} workloads, "
           f"{total:,} tasks, {sum(f['mismatches'] for f in rows)} mismatches, "
+          f"{sum(f['stalls'] for f in rows)} stalls, "
           f"{sum(f['detach_failures'] for f in rows)} detach failures, "
           f"{sum(f['wrong_thread'] for f in rows)} spans ended on another thread, "
           f"{sum(f['open_spans'] for f in rows)} left open; "

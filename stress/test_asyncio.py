@@ -17,7 +17,18 @@ from typing import Any
 
 import pytest
 from conftest import Run
-from workload import WAIT, Expected, Outcome, Tally, check, intact, request, thread_task
+from workload import (
+    Expected,
+    Outcome,
+    Stalled,
+    Tally,
+    check,
+    intact,
+    request,
+    run_async,
+    thread_task,
+    watched,
+)
 
 import propagate
 
@@ -81,12 +92,13 @@ def test_asyncio_routes_to_threads(run: Run) -> None:
             await asyncio.gather(*(one(i, random.Random(f"{run.seed}-{i}"), by, gate, left)
                                    for i in range(requests)))
             if left:
-                _, pending = await asyncio.wait(left, timeout=WAIT)
-                if pending:
-                    run.tally.problem(f"{len(pending)} forgotten tasks still pending")
+                try:
+                    await watched(asyncio.wait(set(left)), "waiting for the forgotten tasks")
+                except Stalled as exc:
+                    run.tally.stall(f"{exc}; {len(left)} of them still pending")
         finally:
             pool.shutdown(wait=True)
             stdlib.shutdown(wait=True)
 
-    asyncio.run(asyncio.wait_for(main(), WAIT * 4))
+    run_async(main(), run.tally, "asyncio routes")
     run.verify(tasks=counts["expected"])

@@ -2,9 +2,9 @@
 a resolver closed with lookups in flight.
 
 What must hold: nothing hangs (every wait is bounded, and a wait that runs out is a
-failure), and nothing is silently lost: every future resolves, with a result, the
-task's own exception, a cancellation we asked for, or `BrokenProcessPool` from a dead
-worker. Tasks that do run still see exactly their submitter's context.
+stall, a failure), and nothing is silently lost: every future resolves, with a result,
+the task's own exception, a cancellation we asked for, or `BrokenProcessPool` from a
+dead worker. Tasks that do run still see exactly their submitter's context.
 """
 
 from __future__ import annotations
@@ -27,24 +27,32 @@ from conftest import SCALE, Run
 from workload import (
     WAIT,
     CheckingLookup,
+    Deadline,
     Expected,
+    Stalled,
     StressError,
     Tally,
     check,
     failing_task,
     intact,
+    joined,
+    pending_futures,
     request,
+    resolve,
+    run_async,
+    settle,
     slow_task,
     submitters,
     thread_task,
     unresolved,
+    until,
 )
 
 import propagate
 from propagate.dns import LookupTimeout, Resolver
 
 SUBMITTERS = 4
-KILL_BOUND = 30.0  # seconds for BrokenProcessPool to reach every pending future
+KILL_BOUND = 30.0  # seconds without progress for BrokenProcessPool to reach every future
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -107,9 +115,7 @@ def test_exceptions_and_cancellations(run: Run, kind: str) -> None:
                 futures = [pool.submit(failing_task if fails else thread_task, task)
                            for fails in plan]
                 cancelled = [rng.random() < 0.3 and f.cancel() for f in futures]
-                pending = unresolved(futures)
-                if pending:
-                    run.tally.problem(f"{len(pending)} futures unresolved after {WAIT} s")
+                pending = resolve(futures, run.tally, exp.request_id)
                 for future, fails, cancel in zip(futures, plan, cancelled, strict=False):
                     if future not in pending:
                         expect(future, task, fails, cancel, run.tally)
@@ -132,7 +138,7 @@ def test_shutdown_cancels_queued_work(run: Run, kind: str) -> None:
     for r in range(rounds):
         pool = make_pool(kind)
         gate = threading.Event()
-        blockers = ([pool.submit(gate.wait, WAIT) for _ in range(2)]  # both workers busy
+        blockers = ([pool.submit(until, gate.wait) for _ in range(2)]  # both workers busy
                     if kind == "threads" else [])
         opener = threading.Timer(run.rng.uniform(0, 0.05), gate.set)  # before shutdown, or after
         opener.start()
@@ -160,12 +166,9 @@ def test_shutdown_cancels_queued_work(run: Run, kind: str) -> None:
                                   kwargs={"wait": False, "cancel_futures": True})
         shutter.start()
         submitters(SUBMITTERS, run.seed + r, body, run.tally)
-        shutter.join(WAIT)
-        opener.join(WAIT)
-        pending = unresolved([f for f, _ in obtained] + blockers)
-        if pending:
-            run.tally.problem(f"round {r}: {len(pending)} futures unresolved {WAIT} s after "
-                              f"shutdown(wait=False, cancel_futures=True)")
+        joined([shutter, opener])
+        pending = resolve([f for f, _ in obtained] + blockers, run.tally,
+                          f"round {r}: after shutdown(wait=False, cancel_futures=True)")
         for future, task in obtained:
             if future not in pending:
                 expect(future, task, fails=False, cancelled=True, tally=run.tally)
@@ -210,8 +213,8 @@ def test_worker_killed_mid_task(run: Run, method: str, tmp_path: Path) -> None:
 
             killer = threading.Timer(run.rng.uniform(0.01, 0.1), _kill, args=(pid,))
             killer.start()
-            submitters(SUBMITTERS, run.seed + r, body, run.tally, timeout=KILL_BOUND)
-            killer.join(WAIT)
+            submitters(SUBMITTERS, run.seed + r, body, run.tally, stall=KILL_BOUND)
+            joined([killer])
             _expect_broken(pool, victim, obtained, run.tally, r)
         finally:
             _shut_down_within(pool, KILL_BOUND, run.tally, r)
@@ -221,14 +224,14 @@ def test_worker_killed_mid_task(run: Run, method: str, tmp_path: Path) -> None:
 
 def _wait_for_marker(marker: str, tally: Tally) -> int | None:
     """The pid of the worker that runs the victim, once it has started the task."""
-    deadline = time.monotonic() + WAIT
+    deadline = Deadline()
     directory, prefix = os.path.dirname(marker), os.path.basename(marker) + "."
-    while time.monotonic() < deadline:
+    while deadline.left() > 0:
         found = [n for n in os.listdir(directory) if n.startswith(prefix)]
         if found:
             return int(found[0][len(prefix):])
         time.sleep(0.005)
-    tally.problem(f"the victim task never started within {WAIT} s")
+    tally.stall(f"the victim task never started: {deadline.why()}")
     return None
 
 
@@ -239,13 +242,14 @@ def _kill(pid: int | None) -> None:
 
 def _expect_broken(pool: cf.ProcessPoolExecutor, victim: cf.Future[Any],
                    obtained: list[tuple[cf.Future[Any], Expected]], tally: Tally, r: int) -> None:
-    pending = unresolved([victim, *(f for f, _ in obtained)], KILL_BOUND)
+    deadline = Deadline(KILL_BOUND)
+    pending = unresolved([victim, *(f for f, _ in obtained)], deadline=deadline)
     if pending:
         names = {id(f): t.request_id for f, t in obtained}
-        tally.problem(f"round {r}: {len(pending)} of {len(obtained) + 1} futures unresolved "
-                      f"{KILL_BOUND} s after a worker was killed: "
-                      + ", ".join(_describe(pool, f, names.get(id(f), "the victim"))
-                                  for f in pending))
+        tally.stall(f"round {r}: {pending_futures(pending, len(obtained) + 1)} after a worker "
+                    f"was killed; {deadline.why()}: "
+                    + ", ".join(_describe(pool, f, names.get(id(f), "the victim"))
+                                for f in pending))
     if victim not in pending and not isinstance(victim.exception(timeout=0), BrokenProcessPool):
         tally.problem(f"round {r}: the killed task's future has {victim.exception()!r}, "
                       f"not BrokenProcessPool")
@@ -264,16 +268,16 @@ def _shut_down_within(pool: cf.ProcessPoolExecutor, bound: float, tally: Tally, 
     still alive are terminated so that it can return and the suite goes on."""
     closer = threading.Thread(target=pool.shutdown, name="stress-shutdown")
     closer.start()
-    closer.join(bound)
-    if not closer.is_alive():
+    deadline = Deadline(bound)
+    if not joined([closer], deadline):
         return
     workers = list((getattr(pool, "_processes", None) or {}).values())  # diagnosis only
     alive = [f"pid {p.pid}" for p in workers if p.is_alive()]
-    tally.problem(f"round {r}: shutdown() still waiting {bound} s after a worker was killed; "
-                  f"workers still alive: {alive or 'none'}")
+    tally.stall(f"round {r}: shutdown() still waiting after a worker was killed; "
+                f"{deadline.why()}; workers still alive: {alive or 'none'}")
     for process in workers:
         process.terminate()
-    closer.join(WAIT)
+    joined([closer])
 
 
 def _describe(pool: cf.ProcessPoolExecutor, future: cf.Future[Any], name: str) -> str:
@@ -289,7 +293,8 @@ def _after_the_break(context: Any, tally: Tally, r: int) -> None:
     with propagate.ProcessPoolExecutor(2, mp_context=context) as pool:
         for i in range(4):
             with request(f"after-{r}-{i}") as exp:
-                tally.add(pool.submit(thread_task, exp.through(process=True)).result(WAIT))
+                settle([pool.submit(thread_task, exp.through(process=True))], tally,
+                       f"round {r}: a new pool after the break")
 
 
 @pytest.mark.stress(rounds=2)
@@ -301,13 +306,16 @@ def test_resolver_closed_with_lookups_in_flight(run: Run) -> None:
         lookup = CheckingLookup(gate)
         resolver = Resolver(max_workers=2, getaddrinfo=lookup, max_pending=6)
         wait = run.rng.random() < 0.5
-        outcomes = asyncio.run(asyncio.wait_for(
-            _close_amid_lookups(resolver, lookup, gate, wait, run.rng, r), WAIT))
+        outcomes = run_async(_close_amid_lookups(resolver, lookup, gate, wait, run.rng, r),
+                             run.tally, f"round {r}: closing amid lookups")
+        gate.set()  # after a stall too: nothing stays gated
         run.tally.absorb(lookup.tally)
-        for i, outcome in enumerate(outcomes):
+        for i, outcome in enumerate(outcomes or ()):
             refused = isinstance(outcome, RuntimeError) and "after close()" in str(outcome)
             answered = isinstance(outcome, list) and outcome
-            if not (answered or refused):
+            if isinstance(outcome, Stalled):
+                run.tally.stall(f"round {r}, lookup {i}: {outcome}")
+            elif not (answered or refused):
                 run.tally.problem(f"round {r}, lookup {i}: {outcome!r}")
         resolver.close(wait=True)
     run.verify()
@@ -324,15 +332,19 @@ async def _close_amid_lookups(resolver: Resolver, lookup: CheckingLookup,
             return await resolver.getaddrinfo("localhost", lookup.ask(exp))
 
     lookups = [asyncio.create_task(ask(i)) for i in range(rng.randint(4, 20))]
-    started = await asyncio.to_thread(lookup.entered.acquire, timeout=WAIT)
+    entering = Deadline()
+    started = await asyncio.to_thread(
+        until, lambda seconds: lookup.entered.acquire(timeout=seconds), entering)
     closer = threading.Thread(target=resolver.close, kwargs={"wait": wait})
     closer.start()  # with wait=True it blocks until the gated lookups finish
     await asyncio.sleep(rng.uniform(0, 0.01))
     gate.set()
     outcomes = list(await asyncio.gather(*lookups, return_exceptions=True))
-    await asyncio.to_thread(closer.join, WAIT)
-    if not started or closer.is_alive():
-        outcomes.append(TimeoutError("no lookup started, or close() never returned"))
+    if not started:
+        outcomes.append(Stalled(f"no lookup started: {entering.why()}"))
+    closing = Deadline()
+    if await asyncio.to_thread(joined, [closer], closing):
+        outcomes.append(Stalled(f"close(wait={wait}) never returned: {closing.why()}"))
     try:
         await resolver.getaddrinfo("localhost", 80)
     except RuntimeError as exc:
@@ -351,10 +363,11 @@ def test_lookups_time_out_and_cancel(run: Run) -> None:
         lookup = CheckingLookup(gate)
         with Resolver(max_workers=2, getaddrinfo=lookup, max_pending=4,
                       timeout=run.rng.uniform(0.005, 0.03)) as resolver:
-            outcomes = asyncio.run(asyncio.wait_for(
-                _give_up(resolver, lookup, gate, run.rng, r), WAIT))
+            outcomes = run_async(_give_up(resolver, lookup, gate, run.rng, r), run.tally,
+                                 f"round {r}: giving up on lookups")
+            gate.set()  # after a stall too: nothing stays gated
         run.tally.absorb(lookup.tally)
-        for i, outcome in enumerate(outcomes):
+        for i, outcome in enumerate(outcomes or ()):
             if not isinstance(outcome, (list, LookupTimeout, asyncio.CancelledError)):
                 run.tally.problem(f"round {r}, lookup {i}: {outcome!r}")
     run.verify()  # every dns.lookup span ended, on its own thread
@@ -417,7 +430,8 @@ def test_coroutines_cancelled_while_threads_run(run: Run) -> None:
         await asyncio.gather(*(one(i, random.Random(f"{run.seed}-{i}"), gate)
                                for i in range(requests)))
 
-    asyncio.run(asyncio.wait_for(main(), WAIT * 4))  # shuts the executor down: work has run
+    # asyncio.run shuts the executor down: the work has run
+    run_async(main(), run.tally, "coroutines cancelled")
     ran = run.tally.tasks - requests  # less the coroutines' own checks
     if not counts["uncancelled"] <= ran <= counts["submitted"]:
         run.tally.problem(f"{ran} pieces of work ran; {counts['submitted']} were submitted, "

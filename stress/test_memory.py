@@ -14,17 +14,21 @@ import gc
 import multiprocessing
 import random
 import tracemalloc
+import warnings
 from collections.abc import Callable
 
 import pytest
 from conftest import Run
 from workload import (
     CHILD,
+    ENDS_ELSEWHERE,
+    HARD,
     PLAIN,
     WAIT,
     Tally,
     intact,
     request,
+    run_async,
     settle,
     submitters,
     thread_task,
@@ -38,9 +42,10 @@ SUBMITTERS = 4
 Phase = Callable[[int, int, Tally], None]  # (tasks, seed, tally): run that many tasks
 
 
-def phase_wait(tasks: int) -> float:
-    """The wait for a whole phase: tracemalloc makes a task several times slower."""
-    return WAIT * (1 + tasks // 100_000)
+def phase_bound(tasks: int) -> float:
+    """The hard bound on a whole phase (its stall bound is `WAIT`, as everywhere): the
+    long phases run up to a million tasks, each several times slower under tracemalloc."""
+    return HARD * WAIT * (1 + tasks // 100_000)
 
 
 def threads_phase(tasks: int, seed: int, tally: Tally) -> None:
@@ -61,7 +66,7 @@ def threads_phase(tasks: int, seed: int, tally: Tally) -> None:
             done, i = done + k, i + 1
 
     try:
-        submitters(SUBMITTERS, seed, body, tally, timeout=phase_wait(tasks))
+        submitters(SUBMITTERS, seed, body, tally, hard=phase_bound(tasks))
     finally:
         plain.shutdown(wait=True)
         child.shutdown(wait=True)
@@ -83,7 +88,7 @@ def asyncio_phase(tasks: int, seed: int, tally: Tally) -> None:
         propagate.install()
         await asyncio.gather(*(worker(i, tasks // 32) for i in range(32)))
 
-    asyncio.run(asyncio.wait_for(main(), phase_wait(tasks)))
+    run_async(main(), tally, f"memory (asyncio, {tasks:,} tasks)", hard=phase_bound(tasks))
 
 
 def processes_phase(tasks: int, seed: int, tally: Tally) -> None:
@@ -100,15 +105,48 @@ def processes_phase(tasks: int, seed: int, tally: Tally) -> None:
             done, i = done + k, i + 1
 
     try:
-        submitters(SUBMITTERS, seed, body, tally, timeout=phase_wait(tasks))
+        submitters(SUBMITTERS, seed, body, tally, hard=phase_bound(tasks))
     finally:
         pool.shutdown(wait=True)
+
+
+def _left_open(request_id: str) -> propagate.span:
+    """A pool task that opens a scope and returns it open, to be exited elsewhere."""
+    scope = propagate.span(f"stress.left-open.{request_id}", attributes={ENDS_ELSEWHERE: True})
+    scope.__enter__()
+    return scope
+
+
+def orphans_phase(tasks: int, seed: int, tally: Tally) -> None:
+    """Scopes entered in pool tasks and exited on the submitter's thread (I4, I5).
+
+    Each is ended at its exit (its task's Context has ended), so none is kept: memory
+    stays flat however many there are, and none is left for interpreter exit.
+    """
+    pool = propagate.ThreadPoolExecutor(4, thread_name_prefix="stress-orphans")
+
+    def body(index: int, rng: random.Random) -> None:
+        for i in range(tasks // SUBMITTERS):
+            scope = pool.submit(_left_open, f"{index}-{i}").result()
+            scope.__exit__(None, None, None)
+            tally.add((1, ()))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", propagate.CrossThreadExitWarning)
+            submitters(SUBMITTERS, seed, body, tally, hard=phase_bound(tasks))
+    finally:
+        pool.shutdown(wait=True)
+    if propagate._span.orphans:
+        tally.problem(f"{sum(map(len, propagate._span.orphans.values()))} scopes left "
+                      "waiting for interpreter exit")
 
 
 PHASES: dict[str, tuple[Phase, int, int]] = {  # phase, N quick, N long
     "threads": (threads_phase, 10_000, 100_000),
     "asyncio": (asyncio_phase, 3000, 20_000),
     "processes": (processes_phase, 600, 5_000),
+    "orphans": (orphans_phase, 10_000, 100_000),  # quick: 100,000 exits from N to 10 N
 }
 
 

@@ -18,13 +18,15 @@ from conftest import SCALE, Run
 from workload import (
     CHILD,
     PLAIN,
-    WAIT,
     intact,
+    mapped,
     request,
+    run_async,
     settle,
     submitters,
     thread_task,
     thread_then_process,
+    watched,
 )
 
 import propagate
@@ -60,8 +62,7 @@ def test_process_pools(run: Run, method: str) -> None:
                 task = exp.through(mode, None if mode == PLAIN else "thread_task", process=True)
                 k = rng.randint(1, 8)
                 if rng.random() < 0.2:  # map goes through submit, one item per task here
-                    for outcome in pool.map(thread_task, [task] * k, timeout=WAIT):
-                        run.tally.add(outcome)
+                    mapped(pool, thread_task, [task] * k, run.tally, f"{method} pool map")
                 else:
                     settle([pool.submit(thread_task, task) for _ in range(k)], run.tally,
                            f"{method} pool")
@@ -90,8 +91,7 @@ def test_process_map_chunks_do_not_share_context(run: Run, method: str) -> None:
             with request(f"chunk-{i}") as exp:
                 k = run.rng.randint(2, 8)
                 items = [exp.through(process=True)] * k
-                for outcome in pool.map(thread_task, items, timeout=WAIT, chunksize=k):
-                    run.tally.add(outcome)
+                mapped(pool, thread_task, items, run.tally, f"{method} map", chunksize=k)
             expected += k
     finally:
         pool.shutdown(wait=True)
@@ -137,12 +137,12 @@ def test_asyncio_to_thread_to_process(run: Run, method: str) -> None:
         async with gate:
             with request(f"a2p-{i}", scoped=rng.random() < 0.3) as exp:
                 if rng.random() < 0.7:
-                    outcome = await asyncio.wait_for(
-                        propagate.to_thread(thread_then_process, exp, processes), WAIT)
+                    outcome = await watched(propagate.to_thread(
+                        thread_then_process, exp, processes), f"{exp.request_id} (nested)")
                     counts["nested"] += 1
                 else:
-                    outcome = await asyncio.wait_for(propagate.run_in_executor(
-                        processes, thread_task, exp.through(process=True)), WAIT)
+                    outcome = await watched(propagate.run_in_executor(
+                        processes, thread_task, exp.through(process=True)), exp.request_id)
                     counts["direct"] += 1
                 run.tally.add(outcome)
                 run.tally.add(intact(exp, "coroutine"))
@@ -154,7 +154,7 @@ def test_asyncio_to_thread_to_process(run: Run, method: str) -> None:
                                for i in range(requests)))
 
     try:
-        asyncio.run(asyncio.wait_for(main(), WAIT * 4))
+        run_async(main(), run.tally, f"asyncio -> {method} pool")
     finally:
         processes.shutdown(wait=True)
     nested, direct = counts["nested"], counts["direct"]

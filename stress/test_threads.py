@@ -20,17 +20,20 @@ from workload import (
     CHILD,
     LINKED,
     PLAIN,
-    WAIT,
     Expected,
     Tally,
     attached_task,
     check,
     intact,
+    join,
+    mapped,
     request,
+    resolve,
     settle,
     submitters,
     thread_task,
     thread_then_thread,
+    until,
 )
 
 import propagate
@@ -75,9 +78,7 @@ def test_thread_pools(run: Run) -> None:
                 task = exp.through(mode, None if mode == PLAIN else "thread_task")
                 k = rng.randint(1, 16)
                 if rng.random() < 0.2:  # map goes through submit
-                    outcomes = pool.map(thread_task, [task] * k, timeout=WAIT)
-                    for outcome in outcomes:
-                        run.tally.add(outcome)
+                    mapped(pool, thread_task, [task] * k, run.tally, "pool map")
                     futures = []
                 else:
                     futures = [pool.submit(thread_task, task) for _ in range(k)]
@@ -126,16 +127,12 @@ def test_raw_threads_and_timers(run: Run) -> None:
                         functools.partial(_record, run.tally, "wrap", holder)))
                 thread.start()
                 if rng.random() < 0.5:
-                    thread.join(WAIT)
+                    join([thread], run.tally, f"{kind} joined in its request")
                 else:  # it may outlive the request (I3)
                     started.append(thread)
                 run.tally.add(intact(exp, "thread starter"))
             expected[index] += 2
-        for thread in started:
-            thread.join(WAIT)
-        hung = [t.name for t in started if t.is_alive()]
-        if hung:
-            run.tally.problem(f"threads still running after {WAIT} s: {hung}")
+        join(started, run.tally, "threads started earlier")
 
     submitters(SUBMITTERS, run.seed, body, run.tally)
     run.verify(tasks=sum(expected))
@@ -203,7 +200,7 @@ def test_fire_and_forget(run: Run) -> None:
     try:
         for r in range(rounds):
             gate = threading.Event()
-            blockers = [pool.submit(gate.wait, WAIT) for _ in range(workers)]  # every worker busy
+            blockers = [pool.submit(until, gate.wait) for _ in range(workers)]  # all busy
             futures: list[cf.Future[object]] = []
             timers: list[threading.Thread] = []
             lock = threading.Lock()
@@ -228,12 +225,9 @@ def test_fire_and_forget(run: Run) -> None:
 
             submitters(SUBMITTERS, run.seed + r, body, run.tally)
             gate.set()
-            cf.wait(blockers, WAIT)
+            resolve(blockers, run.tally, "fire-and-forget blockers")
             settle(futures, run.tally, "fire-and-forget")
-            for timer in timers:
-                timer.join(WAIT)
-            if any(t.is_alive() for t in timers):
-                run.tally.problem(f"timers still running after {WAIT} s")
+            join(timers, run.tally, "fire-and-forget timers")
             expected += sum(counts)
     finally:
         pool.shutdown(wait=True)
@@ -241,5 +235,5 @@ def test_fire_and_forget(run: Run) -> None:
 
 
 def _wait_and_record(gate: threading.Event, tally: Tally, holder: list[Expected]) -> None:
-    gate.wait(WAIT)
+    until(gate.wait)
     _record(tally, "Timer (fire-and-forget)", holder)

@@ -8,22 +8,30 @@ task, and returns the mismatches it found instead of raising, so one run counts 
 of them. Then the task dirties its own context, so a leak into the next task on the
 same worker shows up as that task's mismatch (I2).
 
+Every wait here is bounded by a `Deadline` that counts from the last progress (a task
+checked, a request entered, a future resolved, a thread ended), not from the start: a
+slow machine that keeps moving never runs one out. One that does is a *stall*, tallied
+apart from the mismatches.
+
 Imported by spawn and forkserver workers too: keep it free of pytest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
@@ -36,8 +44,13 @@ BAGGAGE_KEY = "stress.request"
 REQUEST_ID: ContextVar[str | None] = propagate.register(
     ContextVar("stress.request_id", default=None))
 UNREGISTERED: ContextVar[str | None] = ContextVar("stress.unregistered", default=None)
-WAIT = float(os.environ.get("STRESS_WAIT", "120"))  # seconds: the bound on every wait
-KEEP = 10  # mismatches kept for the report; the rest are only counted
+WAIT = float(os.environ.get("STRESS_WAIT", "120"))  # seconds without progress: a stall
+HARD = 10  # and, progress or not, a wait gives up after HARD times its stall bound
+POLL = 0.5  # seconds: how often a wait looks at the progress clock
+KEEP = 10  # mismatches (and stalls) kept for the report; the rest are only counted
+TIMEOUTS = (TimeoutError, cf.TimeoutError)  # distinct before Python 3.11
+
+T = TypeVar("T")
 
 # How the task's current span relates to the submitter's.
 PLAIN = "plain"  # it is the submitter's span (or, in a process, its remote copy)
@@ -45,6 +58,23 @@ CHILD = "child"  # it is propagate's task span, a child of the submitter's (task
 LINKED = "linked"  # it is propagate's task span, a new root linked to it (link=True)
 
 Outcome = tuple[int, tuple[str, ...]]  # (tasks checked, mismatches found)
+
+
+class Progress:
+    """When this process last moved: a task checked, a request entered, a wait's item done.
+
+    Every `Deadline` counts from the later of its own progress and this clock's, so a
+    wait for one slow future does not run out while the rest of the workload moves.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def note(self) -> None:
+        self.last = time.monotonic()  # one attribute store: atomic, and cheap per task
+
+
+PROGRESS = Progress()
 
 
 class Expected(NamedTuple):
@@ -72,6 +102,7 @@ def request(request_id: str, scoped: bool = False) -> Iterator[Expected]:
     """Enter a request: a span (``propagate.span`` if ``scoped``), baggage, both variables."""
     scope = (propagate.span("stress.request") if scoped
              else TRACER.start_as_current_span("stress.request"))
+    PROGRESS.note()  # a submitter that enters requests is moving
     with scope as span:
         token = otel_context.attach(baggage.set_baggage(BAGGAGE_KEY, request_id))
         rid, unreg = REQUEST_ID.set(request_id), UNREGISTERED.set(request_id)
@@ -101,6 +132,7 @@ def intact(exp: Expected, where: str) -> Outcome:
 
 def check(exp: Expected, where: str) -> Outcome:
     """In a task: compare what it sees with ``exp``; then dirty the context (see module doc)."""
+    PROGRESS.note()
     span = trace.get_current_span()
     sc = span.get_span_context()
     problems = _current_span_problems(exp, span)
@@ -214,8 +246,7 @@ def nested_in_process(exp: Expected) -> Outcome:
     """In a worker process: check, open a span and a new request id, hand on to a thread."""
     first = check(exp, "process (nested)")
     with deeper(exp, "/p") as inner:
-        future = _inner_pool().submit(thread_task, inner)
-        last = future.result(timeout=WAIT)
+        last = result(_inner_pool().submit(thread_task, inner), "process -> thread")
         back = intact(inner, "process (nested)")
     return merge(first, last, back)
 
@@ -227,7 +258,7 @@ def thread_then_process(exp: Expected, pool: cf.Executor, mode: str = PLAIN,
     with deeper(exp, "/t") as inner:
         fn = nested_in_process if mode == PLAIN else thread_task
         future = pool.submit(fn, inner.through(mode, span_name, process=True))
-        last = future.result(timeout=WAIT)
+        last = result(future, "thread -> process")
         back = intact(inner, "thread (nested)")
     return merge(first, last, back)
 
@@ -236,7 +267,7 @@ def thread_then_thread(exp: Expected, pool: cf.Executor) -> Outcome:
     """In a thread: check, open a span and a new request id, hand on to another thread pool."""
     first = check(exp, "thread (nested)")
     with deeper(exp, "/t") as inner:
-        last = pool.submit(thread_task, inner).result(timeout=WAIT)
+        last = result(pool.submit(thread_task, inner), "thread -> thread")
         back = intact(inner, "thread (nested)")
     return merge(first, last, back)
 
@@ -290,8 +321,9 @@ class CheckingLookup:
         with self._lock:
             exp = self._booked.pop(port)
         self.tally.add(self._check(exp))
-        if self.gate is not None and not self.gate.wait(WAIT):
-            raise TimeoutError("the lookup gate was never opened")
+        deadline = Deadline()
+        if self.gate is not None and not until(self.gate.wait, deadline):
+            raise Stalled(f"the lookup gate was never opened: {deadline.why()}")
         return socket.getaddrinfo("localhost", port, family, type, proto, flags)
 
     def _check(self, exp: Expected) -> Outcome:
@@ -311,12 +343,19 @@ class CheckingLookup:
 
 
 class Tally:
-    """Tasks checked and mismatches found, from any thread; keeps the first `KEEP` of them."""
+    """Tasks checked, mismatches and stalls found, from any thread; keeps the first `KEEP`.
+
+    A *mismatch* is a wrong context or a broken expectation (a lost future, an unexpected
+    exception); a *stall* is a wait that ran out (see `Deadline`). Both fail the workload,
+    but a stall says that something hung, not that a context was wrong.
+    """
 
     def __init__(self) -> None:
         self.tasks = 0
         self.mismatches = 0
+        self.stalls = 0
         self.first: list[str] = []
+        self.first_stalls: list[str] = []
         self._lock = threading.Lock()
 
     def add(self, outcome: Outcome) -> None:
@@ -328,84 +367,309 @@ class Tally:
                 self.first.extend(problems[:KEEP - len(self.first)])
 
     def problem(self, text: str) -> None:
-        """A failure of the harness's own expectations (a lost future, a hang): a mismatch."""
+        """A failure of the harness's own expectations (a lost future, an unexpected error)."""
         self.add((0, (text,)))
+
+    def stall(self, text: str) -> None:
+        """A wait that ran out: ``text`` says what was still pending, and why it gave up."""
+        with self._lock:
+            self.stalls += 1
+            if len(self.first_stalls) < KEEP:
+                self.first_stalls.append(text)
 
     def absorb(self, other: Tally) -> None:
         self.add((other.tasks, tuple(other.first)))
+        for text in other.first_stalls:
+            self.stall(text)
         with self._lock:  # the ones `other` only counted
             self.mismatches += other.mismatches - len(other.first)
+            self.stalls += other.stalls - len(other.first_stalls)
 
 
-def unresolved(futures: Iterable[cf.Future[Any]], timeout: float = WAIT) -> list[cf.Future[Any]]:
-    """Wait (bounded) until every future is done; return those that are not.
+# -- bounded waits ---------------------------------------------------------------------------
+
+
+class Stalled(TimeoutError):
+    """A wait of the harness ran out (see `Deadline`): a hang, not a wrong context.
+
+    A `TimeoutError`, so it pickles home from a worker process like any other.
+    """
+
+
+def said(error: BaseException | None) -> str:
+    """A timeout for the report: a `Stalled` says what it waited for; others by their repr."""
+    return str(error) if isinstance(error, Stalled) else repr(error)
+
+
+class Deadline:
+    """The bound on one wait: ``stall`` seconds without progress, or ``hard`` in all.
+
+    Progress is the wait's own (`moved`: an item it waits for is done) or any on ``clock``
+    (this process's: a task checked, a request entered), so a slow machine that keeps
+    moving never runs a deadline out; only a stall of ``stall`` seconds does. The hard
+    bound (`HARD` times ``stall`` unless given) keeps a wait that moves for ever bounded.
+    """
+
+    def __init__(self, stall: float = WAIT, hard: float | None = None,
+                 clock: Progress = PROGRESS) -> None:
+        self.stall = stall
+        self.hard = HARD * stall if hard is None else hard
+        self.clock = clock
+        self.began = self.last = time.monotonic()
+
+    def moved(self) -> None:
+        """Something this wait waits for is done: the deadline moves on (and the clock's)."""
+        self.last = time.monotonic()
+        self.clock.note()
+
+    def left(self) -> float:
+        """Seconds before this deadline runs out; 0 once it has."""
+        since = max(self.last, self.clock.last)
+        return max(0.0, min(since + self.stall, self.began + self.hard) - time.monotonic())
+
+    def why(self) -> str:
+        """Why it ran out: the hard bound on a wait that kept moving, or a stall."""
+        now = time.monotonic()
+        if now >= self.began + self.hard:
+            return f"still pending after the hard bound of {self.hard:.1f} s, though moving"
+        quiet = now - max(self.last, self.clock.last)  # progress may come after left() said 0
+        return f"no progress for {max(quiet, self.stall):.1f} s"
+
+
+def until(step: Callable[[float], object], deadline: Deadline | None = None) -> bool:
+    """Call ``step(seconds)``, a bounded wait that returns true once its event happened, in
+    slices of at most `POLL`, until it does (True) or ``deadline`` runs out (False)."""
+    deadline = deadline or Deadline()
+    while True:
+        left = deadline.left()
+        if left <= 0:
+            return False
+        if step(min(left, POLL)):
+            deadline.moved()
+            return True
+
+
+def _outwait(items: Sequence[T], wait: Callable[[T, float], object],
+             done: Callable[[T], bool], deadline: Deadline) -> list[T]:
+    """Wait for each item in turn, in slices of at most `POLL`; return those left undone
+    when ``deadline`` runs out (none if all are done).
+
+    Each item done is progress, and so are items further on that finish meanwhile, in
+    any order: those left are counted after each slice that runs out. The first slice
+    on an item is short and only sets the count to compare with: most items are done
+    by then, and a count costs a pass over the rest.
+    """
+    for index, item in enumerate(items):
+        undone = None  # items from here on not done, at the last count
+        while not done(item):
+            left = deadline.left()
+            if left <= 0:
+                return [i for i in items[index:] if not done(i)]
+            wait(item, min(left, POLL if undone is not None else POLL / 10))
+            if not done(item):
+                now = sum(1 for i in items[index:] if not done(i))
+                if undone is not None and now < undone:
+                    deadline.moved()
+                undone = now
+        deadline.moved()
+    return []
+
+
+def _exception(future: cf.Future[Any], seconds: float) -> None:
+    try:
+        future.exception(timeout=seconds)
+    except (cf.CancelledError, *TIMEOUTS):
+        pass
+
+
+def unresolved(futures: Iterable[cf.Future[Any]], stall: float = WAIT,
+               deadline: Deadline | None = None) -> list[cf.Future[Any]]:
+    """Wait (bounded by ``deadline``, else a `Deadline` of ``stall``) until every future is
+    done; return those that are not.
 
     Not ``concurrent.futures.wait``: it never counts a future that a pool's
     ``shutdown(cancel_futures=True)`` cancelled as done, and would wait for ever
     (CPython gh-109934, gh-136655). ``Future.exception(timeout)`` does.
     """
-    deadline = time.monotonic() + timeout
-    left = []
-    for future in futures:
-        try:
-            future.exception(timeout=max(0.0, deadline - time.monotonic()))
-        except cf.CancelledError:
-            pass
-        except cf.TimeoutError:
-            left.append(future)
-    return left
+    return _outwait(list(futures), _exception, cf.Future.done, deadline or Deadline(stall))
+
+
+def resolve(futures: Iterable[cf.Future[Any]], tally: Tally, where: str,
+            stall: float = WAIT) -> list[cf.Future[Any]]:
+    """`unresolved`, tallying a stall that names what was left; returns those left."""
+    futures = list(futures)
+    deadline = Deadline(stall)
+    pending = unresolved(futures, deadline=deadline)
+    if pending:
+        tally.stall(f"{where}: {pending_futures(pending, len(futures))}; {deadline.why()}")
+    return pending
+
+
+def pending_futures(pending: Sequence[cf.Future[Any]], total: int) -> str:
+    running = sum(1 for f in pending if f.running())
+    return (f"{len(pending)} of {total} futures unresolved ({running} running, "
+            f"{len(pending) - running} queued)")
 
 
 def settle(futures: Iterable[cf.Future[Any]], tally: Tally, where: str,
-           timeout: float = WAIT) -> None:
-    """Wait (bounded) for every future and tally its outcome; an exception is a mismatch."""
+           stall: float = WAIT) -> None:
+    """Wait (bounded) for every future and tally its outcome: a future left unresolved or
+    a `TimeoutError` is a stall; any other exception, or a cancellation, a mismatch."""
     futures = list(futures)
-    pending = unresolved(futures, timeout)
+    pending = resolve(futures, tally, where, stall)
     for future in pending:
         future.cancel()
-    if pending:
-        tally.problem(f"{where}: {len(pending)} of {len(futures)} futures unresolved "
-                      f"after {timeout} s")
     for future in futures:
         if future in pending:
             continue
         if future.cancelled():
             tally.problem(f"{where}: a future was cancelled")
+        elif isinstance(future.exception(), TIMEOUTS):
+            tally.stall(f"{where}: {said(future.exception())}")
         elif future.exception() is not None:
             tally.problem(f"{where}: {future.exception()!r}")
         else:
             tally.add(future.result())
 
 
+def result(future: cf.Future[T], where: str, stall: float = WAIT) -> T:
+    """``future.result()``, bounded by a `Deadline`; `Stalled` if it runs out."""
+    deadline = Deadline(stall)
+    if unresolved([future], deadline=deadline):
+        future.cancel()
+        raise Stalled(f"{where}: {pending_futures([future], 1)}; {deadline.why()}")
+    return future.result()
+
+
+def mapped(pool: cf.Executor, fn: Callable[..., Outcome], items: Sequence[Any], tally: Tally,
+           where: str, chunksize: int = 1, stall: float = WAIT) -> None:
+    """``pool.map(fn, items)``, each outcome tallied.
+
+    ``Executor.map`` takes only a deadline counted from its call, not from progress: it
+    gets the hard bound (`HARD` times ``stall``), and running out of it is a stall.
+    """
+    bound = HARD * stall
+    try:
+        for outcome in pool.map(fn, items, timeout=bound, chunksize=chunksize):
+            tally.add(outcome)
+    except TIMEOUTS:
+        tally.stall(f"{where}: map of {len(items)} items unfinished after the hard bound of "
+                    f"{bound:.1f} s")
+
+
+def joined(threads: Sequence[threading.Thread],
+           deadline: Deadline | None = None) -> list[threading.Thread]:
+    """Join ``threads`` (bounded: each that ends is progress); return those still running."""
+    return _outwait(list(threads), threading.Thread.join, lambda t: not t.is_alive(),
+                    deadline or Deadline())
+
+
+def join(threads: Sequence[threading.Thread], tally: Tally, where: str,
+         stall: float = WAIT) -> list[threading.Thread]:
+    """`joined`, tallying a stall that names the threads left and where each is."""
+    deadline = Deadline(stall)
+    alive = joined(threads, deadline)
+    if alive:
+        tally.stall(f"{where}: {len(alive)} of {len(threads)} threads still running; "
+                    f"{deadline.why()}: {running(alive)}")
+    return alive
+
+
+def running(threads: Sequence[threading.Thread]) -> str:
+    """Threads, each with where it is now (its innermost frames): what a stall waited on."""
+    frames = sys._current_frames()
+    return "; ".join(f"{t.name} at {_where(frames.get(t.ident or 0))}" for t in threads[:KEEP])
+
+
+def _where(frame: Any) -> str:
+    if frame is None:
+        return "?"
+    stack = traceback.extract_stack(frame)[-3:]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                       for f in reversed(stack))
+
+
+async def watched(awaitable: Awaitable[T], what: str, stall: float = WAIT,
+                  hard: float | None = None) -> T:
+    """Await ``awaitable``, bounded by a `Deadline` on this process's progress clock.
+
+    ``asyncio.wait_for`` counts from the start; this counts from the last progress. If it
+    runs out, ``awaitable`` is cancelled and `Stalled` raised.
+    """
+    task = asyncio.ensure_future(awaitable)
+    deadline = Deadline(stall, hard)
+    try:
+        while not task.done():
+            left = deadline.left()
+            if left <= 0:
+                task.cancel()
+                await asyncio.wait({task}, timeout=POLL)  # let it unwind, but bounded
+                raise Stalled(f"{what}: {deadline.why()}")
+            await asyncio.wait({task}, timeout=min(left, POLL))
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    return task.result()
+
+
+def run_async(main: Awaitable[T], tally: Tally, where: str,
+              hard: float | None = None) -> T | None:
+    """``asyncio.run(main)``, bounded by `watched`; a stall in it is tallied (then None)."""
+    async def bounded() -> T:
+        return await watched(main, where, hard=hard)
+
+    try:
+        return asyncio.run(bounded())
+    except Stalled as exc:
+        tally.stall(str(exc))
+        return None
+
+
 def submitters(count: int, seed: int, body: Callable[[int, random.Random], None],
-               tally: Tally, timeout: float = WAIT) -> None:
-    """Run ``body(index, rng)`` on ``count`` plain threads at once; bounded; errors tallied."""
-    start = threading.Barrier(count, timeout=timeout)
+               tally: Tally, stall: float = WAIT, hard: float | None = None) -> None:
+    """Run ``body(index, rng)`` on ``count`` plain threads at once; bounded; errors tallied.
+
+    The join is bounded by a `Deadline`: a submitter that ends is progress, and so is
+    every request it enters and every task checked, so slow submitters that move are
+    waited for; a `TimeoutError` out of ``body`` is a stall, any other error a mismatch.
+    """
+    go = threading.Event()
 
     def guarded(index: int) -> None:
         try:
-            start.wait()
+            if not until(go.wait, Deadline(stall)):
+                raise Stalled("never released to start")
             body(index, random.Random(f"{seed}-{index}"))
+        except TIMEOUTS as exc:
+            tally.stall(f"submitter {index}: {said(exc)}")
         except BaseException as exc:  # counted, and never an unhandled thread exception
             tally.problem(f"submitter {index} raised {exc!r}")
 
     threads = [threading.Thread(target=guarded, args=(i,), name=f"stress-submitter-{i}")
                for i in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    hung = [t.name for t in threads if t.is_alive()]
+    try:
+        for thread in threads:
+            thread.start()
+            PROGRESS.note()
+    finally:
+        go.set()  # all at once, as many as started
+    deadline = Deadline(stall, hard)
+    hung = joined(threads, deadline)
     if hung:
-        tally.problem(f"submitters still running after {timeout} s: {hung}")
+        tally.stall(f"submitters still running; {deadline.why()}: {running(hung)}")
 
 
 # -- what the session checks around every workload -------------------------------------------
 
 
+ENDS_ELSEWHERE = "stress.ends_elsewhere"  # a scope whose entering Context ended before its exit
+
+
 class Affinity(SpanProcessor):
     """Checks that every span started here ends on the thread that started it (I4).
+
+    Except a span marked `ENDS_ELSEWHERE`: I4 binds a span to its entering thread only
+    while its entering Context can still run there.
 
     Keeps only the spans still open (their id and thread) and counters: exporting a
     million spans to memory would itself be the leak the memory test looks for. A span
@@ -429,7 +693,8 @@ class Affinity(SpanProcessor):
             self.ended += 1
             if started is None:
                 self.relayed[span.name] = self.relayed.get(span.name, 0) + 1
-            elif started[0] != threading.get_ident():
+            elif (started[0] != threading.get_ident()
+                  and not (span.attributes or {}).get(ENDS_ELSEWHERE)):
                 self.wrong_thread += 1
                 if len(self.first) < KEEP:
                     self.first.append(f"span {span.name!r} started on thread {started[0]}, "
