@@ -87,17 +87,21 @@ def bind_snapshot(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     """``fn(*args, **kwargs)`` bound to a snapshot of the current context, as a submit call."""
     run = snapshot().run
     if options is PLAIN and _switch.hook is None:  # the hot path: nothing but the snapshot
-        return run, (settled, fn, *args), kwargs
+        return run, (fn, *args), kwargs
     name = _wire.describe(fn) if options.task_spans else None
     if _switch.hook is not None:
         fn, args = _switch.around, (fn, *args)
     if name is None:
-        return run, (settled, fn, *args), kwargs
-    return run, (settled, _run_task, (name, time.time_ns(), options.link), fn, args, kwargs), {}
+        return run, (fn, *args), kwargs
+    return run, (_run_task, (name, time.time_ns(), options.link), fn, args, kwargs), {}
 
 
 def settled(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """Run a task in its own Context, which ends with it: so do scopes left open in it."""
+    """Run a call in its own Context, which ends with it: so do scopes left open in it.
+
+    For what runs outside a pool (``Thread``, ``wrap``, a worker process's task): in a
+    pool the task's future says when it ends (`_span.life`), at no cost per task.
+    """
     if _span.life.get() is not None:  # the submitter's: this task's scopes get their own
         _span.life.set(None)
     try:

@@ -98,6 +98,21 @@ def work_item_callable(frame: FrameType) -> object | None:
     return None
 
 
+def enclosing_task(frame: FrameType | None) -> tuple[Any, object] | None:
+    """``(future, callable)`` of the pool task running on this thread below ``frame``, if any.
+
+    Reads ``_WorkItem.run``'s ``self``: its ``future`` and the callable (``fn`` or ``task``).
+    """
+    code = _work_item_run()
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            fn = work_item_callable(frame)
+            future = getattr(frame.f_locals.get("self"), "future", None)
+            return None if future is None else (future, getattr(fn, "__self__", None))
+        frame = frame.f_back
+    return None
+
+
 # -- threading and asyncio ------------------------------------------------------------------
 
 

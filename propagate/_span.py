@@ -28,6 +28,7 @@ import contextvars
 import functools
 import inspect
 import itertools
+import sys
 import threading
 import time
 import warnings
@@ -53,24 +54,39 @@ _lock = threading.Lock()
 class Life:
     """Whether a Context that a pool task, thread or ``wrap`` call runs in has ended."""
 
-    __slots__ = ("over",)
+    __slots__ = ("over", "thread")
 
     def __init__(self) -> None:
         self.over = False
+        self.thread = threading.get_ident()
 
 
-# Set in a Context by the first scope entered there; marked over by the pool when the
-# task the Context was made for ends (`_executor.settled`).
+# Set in a Context by the first scope entered there (a copy made on another thread, as
+# a pool's snapshot is, gets its own); marked over when the task it runs ends.
 life: contextvars.ContextVar[Life | None] = contextvars.ContextVar("propagate.life",
                                                                    default=None)
 
 
 def _life_here() -> Life:
     here = life.get()
-    if here is None:
+    if here is None or here.over or here.thread != threading.get_ident():  # not this one's
         here = Life()
         life.set(here)
+        _watch(here)
     return here
+
+
+def _watch(here: Life) -> None:
+    """If this Context is a pool task's snapshot, have the task's future end it."""
+    task = _private.enclosing_task(sys._getframe(2))
+    if task is not None:
+        future, ctx = task
+        if isinstance(ctx, contextvars.Context) and ctx.get(life) is here:  # it is this one
+            future.add_done_callback(functools.partial(_ended, here))
+
+
+def _ended(here: Life, future: object) -> None:
+    end_of_context(here)
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -207,25 +223,17 @@ def heal() -> None:
 
 
 def end_of_context(ended: Life) -> None:
-    """The current Context ends for good (a task's): end the scopes left open in it.
+    """A Context ends for good (its task's): end the scopes left open in it, right here.
 
-    A scope's token resets only in the Context that made it, which is how this one's
-    are told apart from other orphans of the thread.
+    Called on the entering thread: at the end of the call (`_executor.settled`) or by the
+    task's future, which the pool resolves on its worker thread.
     """
     ended.over = True
     if not orphans:
         return
-    ident = threading.get_ident()
     with _lock:
-        scopes = orphans.get(ident, [])
-        scopes.sort(key=lambda scope: scope.entered, reverse=True)  # innermost first
-        done = [scope for scope in scopes if _reset_here(scope.token)]
-        _drop(ident, done)
+        done = _take(lambda scope: scope.life is ended)
     _end(done)
-
-
-def _reset_here(token: object) -> bool:
-    return isinstance(token, contextvars.Token) and _reset(token)
 
 
 def _take(condition: Callable[[_Scope], bool]) -> list[_Scope]:
