@@ -166,6 +166,37 @@ def span_processor(provider: object) -> Any | None:
     return processor
 
 
+def first_at_shutdown(provider: object, callback: Callable[[], None]) -> bool:
+    """Have ``callback`` run when the SDK ``provider`` shuts down, before its own processors.
+
+    Puts a span processor first in ``SynchronousMultiSpanProcessor._span_processors``, so
+    what it ends still reaches the exporters. False (silently) for a provider that is not
+    the SDK's.
+    """
+    if not hasattr(provider, "_active_span_processor"):
+        return False
+    try:
+        from opentelemetry.sdk.trace import SpanProcessor
+    except ImportError:
+        return False
+    multi = span_processor(provider)
+    lock = getattr(multi, "_lock", None)
+    if multi is None or lock is None or not isinstance(
+            getattr(multi, "_span_processors", None), tuple):
+        moved("opentelemetry.sdk.trace.SynchronousMultiSpanProcessor._span_processors",
+              "spans exited elsewhere that wait for their thread may end after the provider "
+              "shut down, and be dropped")
+        return False
+
+    class AtShutdown(SpanProcessor):
+        def shutdown(self) -> None:
+            callback()
+
+    with lock:
+        multi._span_processors = (AtShutdown(), *multi._span_processors)
+    return True
+
+
 def replace_span_processors(provider: object, processor: object) -> bool:
     """Make ``processor`` the provider's only span processor; False if that cannot be done.
 

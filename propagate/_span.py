@@ -167,6 +167,8 @@ class _Scope:
             if not _exit_hook:  # registered late, after the SDK's own hook, so it runs first
                 _exit_hook = True
                 atexit.register(_end_abandoned)
+                # and an explicit provider.shutdown() ends them first, while they can export
+                _private.first_at_shutdown(otel_trace.get_tracer_provider(), _end_abandoned)
             orphans.setdefault(self.thread.ident or 0, []).append(self)
             gone = _take(lambda scope: scope.gone())
         _end(gone)
@@ -260,7 +262,8 @@ def _end(scopes: list[_Scope]) -> None:
 
 
 def _end_abandoned() -> None:
-    """Spans whose entering thread never healed still end, at interpreter exit."""
+    """Spans whose entering thread never healed still end: at exit, or as the provider
+    shuts down (whichever comes first), never after it."""
     with _lock:
         scopes = [scope for pending in orphans.values() for scope in pending]
         orphans.clear()

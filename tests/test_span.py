@@ -8,6 +8,9 @@ import contextvars
 import gc
 import inspect
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -813,3 +816,43 @@ def test_many_scopes_left_open_retain_nothing(exporter: InMemorySpanExporter) ->
             future.result(timeout=60)[0].__exit__(None, None, None)
     assert not propagate._span.orphans
     assert len([s for s in exporter.get_finished_spans() if s.name == "many"]) == 2000
+
+
+def test_scopes_waiting_for_their_thread_end_before_the_provider_shuts_down() -> None:
+    """I4, I9: a span whose entering thread never heals ends as the provider shuts down, and
+    reaches the exporter; nothing ends after it (nothing is logged)."""
+    script = textwrap.dedent("""
+        import threading, warnings
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import propagate
+
+        warnings.simplefilter("ignore", propagate.CrossThreadExitWarning)
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        entered, release, scopes = threading.Event(), threading.Event(), []
+
+        def hold():
+            scopes.append(propagate.span("held"))
+            scopes[0].__enter__()
+            entered.set()
+            release.wait(60)  # alive, but never back in propagate: it never heals
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        entered.wait(60)
+        scopes[0].__exit__(None, None, None)  # elsewhere: waits for its thread
+        before = len(exporter.get_finished_spans())
+        provider.shutdown()
+        print(before, [s.name for s in exporter.get_finished_spans()])
+        release.set()
+        thread.join(60)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.split() == ["0", "['held']"]
+    assert done.stderr == ""
