@@ -20,11 +20,11 @@ from ._executor import wrap_executor
 from ._process import ProcessPoolExecutor
 from ._span import span, trace
 from ._thread import Thread, ThreadPoolExecutor, Timer, wrap
+from ._version import __version__ as __version__
 
 if sys.version_info >= (3, 14):
     from ._interpreter import InterpreterPoolExecutor
 
-__version__ = "0.1.0"
 
 __all__ = [
     # threads: snapshots of the whole context

@@ -15,6 +15,7 @@ from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
 from . import _otel, _switch
+from ._errors import ContextSerializationError
 from ._span import heal, orphans
 
 T = TypeVar("T")
@@ -162,7 +163,26 @@ def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict
         if value is not _UNSET:
             values[name] = value
     _switch.point("capture")
-    return (*_otel.current_fields(), values)
+    identity, baggage = _otel.current_fields()
+    for key, value in baggage.items():
+        if type(value) is not str:
+            baggage[key] = _as_string(key, value)
+    return identity, baggage, values
+
+
+def _as_string(key: str, value: object) -> str:
+    """A baggage value as OpenTelemetry carries it across processes: a string.
+
+    Baggage is strings by the W3C spec, and OpenTelemetry's own propagator sends
+    ``str(value)``; so does propagate, and a value that has no string fails here, naming
+    its key, instead of in a worker.
+    """
+    try:
+        return str(value)
+    except Exception as exc:
+        raise ContextSerializationError(
+            f"baggage {key!r} holds a {type(value).__qualname__} that cannot be made a "
+            f"string ({exc}); baggage crosses processes as strings") from exc
 
 
 _State = tuple[object, list[tuple[ContextVar[Any], Token[Any]]]]

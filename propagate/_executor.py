@@ -5,8 +5,8 @@ Two ways to carry a context, chosen by where the task runs:
 * in this process (threads): a snapshot, ``contextvars.copy_context()``, and
   ``snapshot.run(fn)`` in the worker. It carries every ContextVar, OpenTelemetry's
   current context among them, so this path needs no OpenTelemetry code at all;
-* in another process: a `DetachedContext`, pickled with the task at submit, attached
-  in the worker around the call, and detached on the same thread after it.
+* in another process: a `DetachedContext`, sent with the task (`_wire`), attached in
+  the worker around the call, and detached on the same thread after it.
 
 Thread pools, process pools, `wrap_executor` and the asyncio helpers all bind their
 tasks here, so there is one way to capture and one way to run.
@@ -114,17 +114,26 @@ def settled(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                   options: Options = PLAIN) -> Call:
-    """``fn(*args, **kwargs)`` pickled with a detached context, as a submit call.
+    """``fn(*args, **kwargs)`` with a detached context, as a submit call.
 
-    Raises `ContextSerializationError` or `TaskSerializationError` right here, in the
-    caller, when something cannot cross.
+    For the stdlib's process pool (``main_by_value`` false) the call is handed over as it
+    is, to be pickled when the pool sends it (`_wire.Lazy`); for any other executor it is
+    pickled here, and what cannot cross raises `TaskSerializationError` right away. A
+    registered ContextVar whose value cannot cross raises `ContextSerializationError` here
+    in both cases.
     """
     identity, baggage, values = _context.capture_fields()
-    task = (_wire.describe(fn) if options.task_spans else None, time.time_ns(), options.link)
+    # The last field: whether the stdlib's pool sends the result, with multiprocessing's
+    # pickler (so the worker checks a result carrying spans can be sent before it goes).
+    task = (_wire.describe(fn) if options.task_spans else None, time.time_ns(), options.link,
+            not options.main_by_value)
     origin = _relay_origin() if options.relay else None
-    payload = (fn, args, kwargs, identity, baggage, values, task, origin)
-    blob = _wire.dumps(fn, payload, values, options.main_by_value)
-    return run_detached, (blob,), {}
+    envelope = _wire.envelope(fn, args, kwargs, identity, baggage, values, task, origin)
+    if options.main_by_value:
+        return run_detached, (_wire.dumps(envelope, values),), {}
+    if values:
+        _wire.check_values(values)
+    return run_detached, (_wire.Lazy(envelope),), {}
 
 
 def in_snapshot(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -166,9 +175,9 @@ def _relay_origin() -> tuple[int, str] | None:
     return relay.here() if relay and relay.enabled() else None
 
 
-def run_detached(blob: bytes) -> Any:
+def run_detached(envelope: tuple[Any, ...]) -> Any:
     """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
-    fn, args, kwargs, identity, baggage, values, task, origin = _wire.loads(blob)
+    fn, args, kwargs, identity, baggage, values, task, origin = _wire.opened(envelope)
     chunk = _private.map_chunk(fn)
     if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
         fn = _private.rechunk(chunk[0], _isolated)
@@ -190,22 +199,53 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     batch: Any = None
     if relay and origin != relay.here():  # another process: bring its spans home
         relay.install()
-        batch = relay.Batch()
+        batch = relay.Batch(origin)
     state = _context.enter(identity, baggage, values)
+    unsendable = None
     try:
         result = settled(_run_task, task, fn, args, kwargs)
     except BaseException as exc:
-        if batch is not None:
-            relay.stash(exc, origin, batch.close())
-        raise
+        if batch is None:
+            raise
+        unsendable = _carry_home(relay, origin, batch.close(), exc, task[3], raised=True)
+        if unsendable is None:
+            raise
     finally:
         _context.leave(state)
-    return result if batch is None else relay.reply(origin, batch.close(), result)
+    if unsendable is not None:  # raised here, outside the handler: it has no __context__
+        raise unsendable
+    if batch is None:
+        return result
+    spans = batch.close()
+    if spans:
+        unsendable = _carry_home(relay, origin, spans, result, task[3])
+        if unsendable is not None:
+            raise unsendable
+    return relay.reply(origin, spans, result)
+
+
+def _carry_home(relay: Any, origin: tuple[int, str] | None, spans: list[Any], outcome: object,
+                checked: bool, raised: bool = False) -> BaseException | None:
+    """Ready ``spans`` to ride home on ``outcome``, the task's result or its exception.
+
+    Where the stdlib's pool will pickle the outcome (``checked``), check first that it
+    can. If not, returns the pickler's own exception, carrying the spans, to be raised in
+    its place: the stdlib sends that exception home when an outcome cannot be pickled.
+    It is freed of the outcome (``__context__``), which could not be pickled either.
+    """
+    error = _wire.sendable(outcome) if checked and spans else None
+    if error is not None:
+        error.__context__ = error.__cause__ = None
+        relay.stash(error, origin, spans)
+        return error
+    if raised:  # the spans ride on it (else on the result's Reply)
+        relay.stash(outcome, origin, spans)
+    return None
 
 
 def _run_task(task: tuple[Any, ...], fn: Callable[..., T], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> T:
-    span_name, submitted_ns, link = task
+    span_name, submitted_ns, link = task[:3]
     if span_name is None:
         return fn(*args, **kwargs)
     attributes = {

@@ -67,7 +67,7 @@ def build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel_
     try:
         if key == last_key:
             return last
-    except TypeError:  # an unhashable, uncomparable baggage value: build afresh
+    except Exception:  # a value whose == raises (numpy-like): build afresh
         pass
     ctx = _build(identity, baggage)
     _last = (key, ctx)

@@ -153,6 +153,83 @@ def default_executor(loop: object) -> object | None:
     return getattr(loop, "_default_executor", None)
 
 
+# -- multiprocessing ------------------------------------------------------------------------
+
+
+def forking_reducers() -> dict[type, Callable[[Any], Any]]:
+    """The reducers registered with ``ForkingPickler.register`` (its ``_extra_reducers``).
+
+    Its own (pipes, sockets, methods, partials) and any a user registered. Empty, with a
+    warning, where a release moved them: cloudpickle then sends what it can without them.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    extra = getattr(ForkingPickler, "_extra_reducers", None)
+    if not isinstance(extra, dict):
+        moved("multiprocessing.reduction.ForkingPickler._extra_reducers",
+              "tasks that cloudpickle sends lose multiprocessing's reducers (pipes, sockets)")
+        return {}
+    return extra
+
+
+@functools.cache
+def pure_forking_reducers() -> frozenset[Callable[[Any], Any]]:
+    """The reducers multiprocessing registers that have no effects: methods and partials.
+
+    The others (pipes and sockets duplicate a descriptor and register it to be sent) must
+    not run for a pickle that is thrown away.
+    """
+    from multiprocessing import reduction
+
+    names = ("_reduce_method", "_reduce_method_descriptor", "_reduce_partial")
+    return frozenset(f for f in (getattr(reduction, n, None) for n in names) if f is not None)
+
+
+# -- opentelemetry-api and -sdk: tracers and meters by reference ----------------------------
+
+
+def otel_by_reference(obj: object) -> tuple[Any, ...] | None:
+    """If ``obj`` is a tracer or meter: a reduction that gets it from the receiver's provider.
+
+    Meters name their scope publicly (``name``, ``version``, ``schema_url``); tracers do not:
+    this reads the SDK's ``Tracer._instrumentation_scope``, or the API proxy's
+    ``_instrumenting_module_name``, ``_instrumenting_library_version``, ``_schema_url`` and
+    ``_attributes``.
+    """
+    kind = type(obj)
+    if not kind.__module__.startswith("opentelemetry."):
+        return None
+    if kind.__name__ in ("Tracer", "ProxyTracer"):
+        from opentelemetry.trace import get_tracer
+
+        scope = getattr(obj, "_instrumentation_scope", None)
+        if scope is not None:
+            fields = (scope.name, scope.version, scope.schema_url, _plain(scope.attributes))
+        elif hasattr(obj, "_instrumenting_module_name"):
+            fields = (obj._instrumenting_module_name,
+                      getattr(obj, "_instrumenting_library_version", None),
+                      getattr(obj, "_schema_url", None), _plain(getattr(obj, "_attributes", None)))
+        else:
+            moved(f"{kind.__module__}.{kind.__qualname__}._instrumentation_scope",
+                  "a tracer in a task sent by value cannot be pickled")
+            return None
+        return _by_reference, (get_tracer, *fields)
+    from opentelemetry.metrics import Meter, get_meter
+
+    if isinstance(obj, Meter):
+        return _by_reference, (get_meter, obj.name, obj.version or "", obj.schema_url, None)
+    return None
+
+
+def _plain(attributes: object) -> dict[str, Any] | None:
+    return dict(attributes) if attributes else None  # type: ignore[call-overload]
+
+
+def _by_reference(get: Callable[..., Any], name: str, version: str | None,
+                  schema_url: str | None, attributes: dict[str, Any] | None) -> Any:
+    return get(name, version, schema_url=schema_url, attributes=attributes)
+
+
 # -- opentelemetry-sdk ----------------------------------------------------------------------
 
 
@@ -200,9 +277,14 @@ def first_at_shutdown(provider: object, callback: Callable[[], None]) -> bool:
 def replace_span_processors(provider: object, processor: object) -> bool:
     """Make ``processor`` the provider's only span processor; False if that cannot be done.
 
-    Reaches ``SynchronousMultiSpanProcessor._span_processors`` and its ``_lock``.
+    Reaches ``SynchronousMultiSpanProcessor._span_processors`` and its ``_lock`` (and the
+    same of ``ConcurrentMultiSpanProcessor``). False, silently, for a provider built with
+    another kind of active span processor: that is a choice, not a move.
     """
     multi = span_processor(provider)
+    if type(multi).__name__ not in ("SynchronousMultiSpanProcessor",
+                                    "ConcurrentMultiSpanProcessor"):
+        return False
     lock = getattr(multi, "_lock", None)
     if multi is None or lock is None or not hasattr(multi, "_span_processors"):
         moved("opentelemetry.sdk.trace.SynchronousMultiSpanProcessor._span_processors",

@@ -26,9 +26,13 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor, Binding):
     `propagate.register`. Nothing else does: an unregistered ContextVar keeps the worker's
     own value, and changes made in the worker never flow back.
 
-    The function and its arguments are pickled at ``submit``, in the caller: plain pickle
-    when it can, cloudpickle when it cannot (lambdas, closures, local functions), so a
-    task that cannot cross fails there, before anything is queued.
+    Tasks are pickled as the stdlib pickles them, when the pool sends them, with
+    multiprocessing's pickler and its reducers (pipes, sockets, shared memory, the ones
+    you register): the pool holds no copy of a pending task, an argument changed after
+    ``submit`` arrives changed, and what cannot be pickled fails on the task's future with
+    the pickler's own exception. What that pickler cannot send at all (lambdas, closures,
+    local functions, tracers) goes by cloudpickle instead. Only a registered ContextVar
+    whose value cannot cross fails at ``submit``, with `ContextSerializationError`.
 
     With ``relay=True`` (the default) and opentelemetry-sdk's tracer provider installed
     here, the spans a worker records come home to this process's span processors,

@@ -1,15 +1,35 @@
-"""How a task crosses to another process: pickled in the submitting thread, at submit.
+"""How a task crosses to another process or interpreter, and what it carries.
 
-Plain pickle first, because it is fast and is what the stdlib would do; cloudpickle only
-when plain pickle refuses (lambdas, closures, local functions, a registered ContextVar
-the function refers to). Failing here, before anything is queued, is the point: a task
-that cannot cross must fail at ``submit``, never later inside a worker.
+A task is one tuple, the envelope: ``(WIRE, __version__, fn, args, kwargs, identity,
+baggage, values, task, origin)``. Its first two fields never move, so a worker on another
+release of propagate refuses the task with both versions named (`opened`), instead of
+failing somewhere inside an unpickler.
+
+Two ways to send it:
+
+* To the stdlib's process pool, lazily: `Lazy` is handed to ``submit`` untouched and
+  pickled by the pool's feeder thread, with multiprocessing's own pickler, when the task
+  is sent. So arguments cross exactly as the stdlib sends them (its reducers for pipes,
+  sockets and shared memory, and the reducers users register), the parent holds no copy
+  of a pending task, and what cannot be pickled fails on the task's future, as with the
+  stdlib. Only when that pickler cannot send the task at all (lambdas, closures, local
+  functions, registered ContextVars, tracers) does it fall back to cloudpickle.
+* Everywhere else (Dask, loky, subinterpreters: executors whose workers do not run our
+  ``__main__``), eagerly, at ``submit``: cloudpickle's blob, so a task that cannot cross
+  fails there with `TaskSerializationError`.
+
+In both, registered ContextVars go by name (`_context.lookup`) and OpenTelemetry tracers
+and meters by reference to the worker's own provider, so a lambda using a module-level
+``tracer = trace.get_tracer(__name__)`` can be sent.
 """
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
+import threading
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -18,20 +38,150 @@ import cloudpickle
 
 from . import _context, _private
 from ._errors import ContextSerializationError, TaskSerializationError
+from ._version import __version__
 
+WIRE = 2  # the envelope's layout; 0.1 sent a bare blob, and had no number
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
+def envelope(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             *fields: Any) -> tuple[Any, ...]:
+    return (WIRE, __version__, fn, args, kwargs, *fields)
+
+
+def opened(task: object) -> tuple[Any, ...]:
+    """The fields after the version, from a task as it arrived; refuses another release's."""
+    if not (isinstance(task, tuple) and len(task) > 2 and task[0] == WIRE):
+        theirs = (f"propagate {task[1]}" if isinstance(task, tuple) and len(task) > 2
+                  else "an older propagate (0.1)")
+        raise RuntimeError(
+            f"this task was sent by {theirs}, and this worker runs propagate {__version__}: "
+            "install the same release of propagate where tasks are submitted and where "
+            "they run")
+    if len(task) == 3:  # eager: one blob after the versions
+        return tuple(pickle.loads(task[2]))
+    return task[2:]
+
+
+# -- the lazy path: the stdlib's process pool pickles the task, when it sends it ------------
+
+
+class Lazy:
+    """A task's envelope, pickled only when the pool's feeder thread sends it.
+
+    Reduces to the envelope itself when multiprocessing's pickler can send it (checked
+    with `_sendable`, which writes nothing anywhere), so the outer pickler sends the
+    arguments as the stdlib would; otherwise to a cloudpickle blob of the envelope.
+    """
+
+    __slots__ = ("envelope",)
+
+    def __init__(self, envelope: tuple[Any, ...]) -> None:
+        self.envelope = envelope
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if _sendable(self.envelope) is None:
+            return tuple, (self.envelope,)
+        try:
+            blob = _cloudpickle(self.envelope[2:])
+        except Exception as exc:
+            raise _named(exc, self.envelope[2]) from None
+        return _envelope_of, (self.envelope[:2], blob)
+
+
+def _envelope_of(versions: tuple[Any, ...], blob: bytes) -> tuple[Any, ...]:
+    return (*versions, blob)
+
+
+class _Discard:
+    __slots__ = ()
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+_DISCARD = _Discard()
+
+
+class _Trial(pickle.Pickler):
+    """multiprocessing's pickler, minus what a trial must not do: reducers with effects.
+
+    Reducers for pipes and sockets duplicate a descriptor and register it to be sent, and
+    a user's reducer may do anything: they are left for the real pickling. The method and
+    partial reducers multiprocessing registers are pure, and run, so what they reach is
+    checked too.
+    """
+
+
+_trial_tables: dict[int, ChainMap[Any, Any]] = {}
+
+
+_trying = threading.local()
+
+
+def in_trial() -> bool:
+    """Whether this thread is pickling for a trial: reducers must not count it as a send."""
+    return getattr(_trying, "active", False)
+
+
+def sendable(obj: object) -> BaseException | None:
+    """None if multiprocessing's pickler can send ``obj``, else what it raises."""
+    return None if type(obj) in _ATOMS else _sendable(obj)
+
+
+def _sendable(obj: object) -> BaseException | None:
+    """None if multiprocessing's pickler can send ``obj``, else what it raises."""
+    extra = _private.forking_reducers()
+    table = _trial_tables.get(len(extra))
+    if table is None:
+        pure = _private.pure_forking_reducers()
+        table = ChainMap({t: (r if r in pure else _no_effects) for t, r in extra.items()},
+                         copyreg.dispatch_table)
+        _trial_tables.clear()
+        _trial_tables[len(extra)] = table
+    pickler = _Trial(_DISCARD, PROTOCOL)
+    pickler.dispatch_table = table
+    _trying.active = True
+    try:
+        pickler.dump(obj)
+    except Exception as exc:
+        return exc
+    finally:
+        _trying.active = False
+    return None
+
+
+def _no_effects(obj: object) -> tuple[Any, ...]:
+    return type(None), ()
+
+
+def _named(exc: Exception, fn: Callable[..., Any]) -> Exception:
+    """``exc``, the pickler's own, with a note naming the task that could not be sent."""
+    note = f"when sending {describe(fn)}() or its arguments to another process"
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    return exc
+
+
+# -- cloudpickle, with what it must know besides ------------------------------------------------
+
+
 class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
-    """cloudpickle, plus registered ContextVars by name (they cannot be pickled at all)."""
+    """cloudpickle, plus multiprocessing's reducers, registered ContextVars and tracers."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is ContextVar:
+        if isinstance(obj, ContextVar):
             if _context.registered().get(obj.name) is not obj:
                 raise TypeError(
                     f"ContextVar {obj.name!r} cannot cross to another process; "
                     "register it with propagate.register(var) so it travels by name")
             return _context.lookup, (obj.name,)
+        by_reference = _private.otel_by_reference(obj)
+        if by_reference is not None:
+            return by_reference
+        reducer = _private.forking_reducers().get(type(obj))
+        if reducer is not None:
+            return reducer(obj)
         return super().reducer_override(obj)
 
 
@@ -41,21 +191,15 @@ def _cloudpickle(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def dumps(fn: Callable[..., Any], payload: tuple[Any, ...], values: Mapping[str, object],
-          main_by_value: bool = False) -> bytes:
-    """Pickle a task's payload (which holds registered ``values``), naming what cannot cross.
+def check_values(values: Mapping[str, object]) -> None:
+    """Fail now, naming the variable, if a registered ContextVar's value cannot cross.
 
-    ``main_by_value``: the workers do not run our ``__main__``, so anything plain pickle
-    would send by reference to it goes by value instead (as Dask itself does).
+    The stdlib has no notion of these values, so the error is propagate's, at ``submit``.
+    Checked with the trial pickler first, which sends nothing: values are small.
     """
-    try:
-        blob = pickle.dumps(payload, PROTOCOL)
-    except Exception:  # plain pickle refuses; cloudpickle may not
-        pass
-    else:
-        if not (main_by_value and b"__main__" in blob):
-            return blob
     for name, value in values.items():
+        if type(value) in _ATOMS or _sendable(value) is None:
+            continue
         try:
             _cloudpickle(value)
         except Exception as exc:
@@ -63,16 +207,27 @@ def dumps(fn: Callable[..., Any], payload: tuple[Any, ...], values: Mapping[str,
                 f"registered ContextVar {name!r} holds {value!r}, which cannot be pickled "
                 f"for another process ({exc}); store something picklable in it, such as an id "
                 "instead of a connection, lock or client") from exc
+
+
+_ATOMS = frozenset({str, int, float, bool, type(None), bytes})
+
+
+# -- the eager path: a blob, made at submit -----------------------------------------------------
+
+
+def dumps(envelope: tuple[Any, ...], values: Mapping[str, object]) -> tuple[Any, ...]:
+    """The envelope with everything after its versions as one cloudpickle blob.
+
+    For executors whose workers do not import our ``__main__``: cloudpickle sends what
+    plain pickle would send by reference to it by value, as Dask itself does.
+    """
+    check_values(values)
     try:
-        return _cloudpickle(payload)
+        return (*envelope[:2], _cloudpickle(envelope[2:]))
     except Exception as exc:
         raise TaskSerializationError(
-            f"cannot pickle {describe(fn)} or its arguments for another process or interpreter: "
-            f"{exc}") from exc
-
-
-def loads(blob: bytes) -> Any:
-    return pickle.loads(blob)
+            f"cannot pickle {describe(envelope[2])} or its arguments for another process or "
+            f"interpreter: {exc}") from exc
 
 
 def describe(fn: Callable[..., Any]) -> str:
@@ -83,3 +238,4 @@ def describe(fn: Callable[..., Any]) -> str:
     inner = getattr(fn, "func", fn)  # functools.partial
     name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None)
     return name if isinstance(name, str) else type(inner).__qualname__
+

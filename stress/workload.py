@@ -665,6 +665,9 @@ def submitters(count: int, seed: int, body: Callable[[int, random.Random], None]
 ENDS_ELSEWHERE = "stress.ends_elsewhere"  # a scope whose entering Context ended before its exit
 
 
+PID = os.getpid()  # a forked worker has its own: spans with another were relayed
+
+
 class Affinity(SpanProcessor):
     """Checks that every span started here ends on the thread that started it (I4).
 
@@ -673,7 +676,8 @@ class Affinity(SpanProcessor):
 
     Keeps only the spans still open (their id and thread) and counters: exporting a
     million spans to memory would itself be the leak the memory test looks for. A span
-    that ends without having started here was relayed from a worker process (I6).
+    that ends with another process's pid in its resource was relayed from a worker (I6),
+    and must have gone through ``on_start`` here first.
     """
 
     def __init__(self) -> None:
@@ -689,10 +693,15 @@ class Affinity(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         started = self.open.pop(span.context.span_id, None)  # type: ignore[union-attr]
+        pid = span.resource.attributes.get("process.pid", PID)
         with self._lock:
             self.ended += 1
-            if started is None:
-                self.relayed[span.name] = self.relayed.get(span.name, 0) + 1
+            if pid != PID:  # relayed: through on_start here, then on_end, once each (I6)
+                name = span.name if started is not None else f"{span.name} (no on_start)"
+                self.relayed[name] = self.relayed.get(name, 0) + 1
+            elif started is None:
+                self.relayed[f"{span.name} (never started here)"] = 1 + self.relayed.get(
+                    f"{span.name} (never started here)", 0)
             elif (started[0] != threading.get_ident()
                   and not (span.attributes or {}).get(ENDS_ELSEWHERE)):
                 self.wrong_thread += 1

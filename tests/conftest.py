@@ -97,7 +97,7 @@ def extra_state(exc: BaseException) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def with_baggage(**items: str) -> Iterator[None]:
+def with_baggage(**items: object) -> Iterator[None]:
     """Baggage entries current for the block, on top of what is current."""
     ctx = otel_context.get_current()
     for key, value in items.items():

@@ -173,3 +173,125 @@ def observe_then_leak(_: object) -> dict[str, Any]:
 def tagged(i: int) -> str:
     """For map(): the request id this item sees, with the item."""
     return f"{REQUEST_ID.get()}:{i}"
+
+
+# -- fidelity to the stdlib's pickling (issue: process pools as faithful as the stdlib's) ----
+
+tracer = trace.get_tracer(__name__)  # the module-level idiom, used by lambdas in the tests
+CACHED = TaskError("cached")  # one exception object, raised by every task that raises it
+
+
+def send_on(conn: Any, message: object) -> int:
+    """Write to a multiprocessing ``Connection`` the submitter passed as an argument."""
+    conn.send(message)
+    return os.getpid()
+
+
+def send_on_socket(sock: Any, data: bytes) -> int:
+    sock.sendall(data)
+    return len(data)
+
+
+class Marked:
+    """A value multiprocessing sends through a reducer registered for it (see the tests)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+
+def how_marked(value: Marked) -> str:
+    return value.how
+
+
+def raise_cached(name: str) -> None:
+    """Record a span, then raise the module's one cached exception object."""
+    with tracer.start_as_current_span(name):
+        pass
+    raise CACHED
+
+
+def return_cached(name: str) -> TaskError:
+    """Record a span, then return (not raise) the cached exception object as a value."""
+    with tracer.start_as_current_span(name):
+        pass
+    return CACHED
+
+
+def span_then_return(name: str, value: object) -> object:
+    with tracer.start_as_current_span(name):
+        pass
+    return value
+
+
+class Unpicklable:
+    """A value that cannot be pickled: its reducer refuses, with the pickler's own error."""
+
+    def __reduce__(self) -> Any:
+        import pickle
+        raise pickle.PicklingError("Unpicklable refuses to be pickled")
+
+
+class FailsToLoad:
+    """Pickles, but unpickling it raises: where it is rebuilt, it cannot be."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse_load, ())
+
+
+def _refuse_load() -> None:
+    raise ValueError("FailsToLoad cannot be rebuilt")
+
+
+class SpanThenUnpicklableError(Exception):
+    """An exception carrying what cannot be pickled."""
+
+    def __init__(self) -> None:
+        super().__init__("carries a lock")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(name: str) -> None:
+    with tracer.start_as_current_span(name):
+        pass
+    raise SpanThenUnpicklableError()
+
+
+def baggage_value(key: str) -> object:
+    return baggage.get_baggage(key)
+
+
+def log_then_die(path: str) -> None:
+    """Log from the worker until the moment it is killed (by itself, mid-record)."""
+    import logging
+    log = logging.getLogger("tests.process_tasks")
+    with tracer.start_as_current_span("dying"):
+        for i in range(100):
+            log.warning("record %d", i)
+            if i == 50:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_then(name: str, seconds: float) -> str:
+    with tracer.start_as_current_span(name):
+        time.sleep(seconds)
+    return name
+
+
+def use_opaque_provider() -> None:
+    """Initializer: a provider whose active span processor the relay cannot reach into."""
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+    class Opaque(SpanProcessor):
+        """Some other active span processor: no _span_processors, no _lock."""
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):  # not under fork
+        trace.set_tracer_provider(TracerProvider(active_span_processor=Opaque(),
+                                                 shutdown_on_exit=False))
+
+
+def span_then_make(name: str, make: str) -> object:
+    """Record a span, then return a value made here: ``"lock"`` cannot be pickled,
+    ``"fails to load"`` cannot be unpickled where it arrives."""
+    with tracer.start_as_current_span(name):
+        pass
+    return threading.Lock() if make == "lock" else FailsToLoad()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import os
+import pickle
+import socket
 import sys
 import threading
 import time
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from contextvars import ContextVar
 from multiprocessing.context import BaseContext
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import propagate
+from propagate import _wire
+from propagate._executor import run_detached
 from tests import process_tasks as pt
 from tests.conftest import extra_state, with_baggage
 from tests.process_tasks import REQUEST_ID, UNREGISTERED
@@ -465,7 +470,7 @@ def test_map_task_spans_named_after_function(span_pool: propagate.ProcessPoolExe
     assert_unique(exporter)
 
 
-# -- I7: bad input fails at submit ---------------------------------------------------------
+# -- I7: bad input fails where the stdlib fails it ------------------------------------------
 
 def test_unpicklable_registered_value_fails_at_submit(pool: propagate.ProcessPoolExecutor,
                                                       tmp_path: Path) -> None:
@@ -481,29 +486,259 @@ def test_unpicklable_registered_value_fails_at_submit(pool: propagate.ProcessPoo
     assert not mark.exists()
 
 
-@pytest.mark.parametrize("make", [threading.Lock, lambda: (i for i in range(3))],
-                         ids=["lock", "generator"])
-def test_unpicklable_argument_fails_at_submit(pool: propagate.ProcessPoolExecutor, tmp_path: Path,
-                                              make: Callable[[], object]) -> None:
-    """I7: an argument nothing can pickle fails at submit (TaskSerializationError), unqueued."""
+@pytest.mark.parametrize("make", [threading.Lock, lambda: (i for i in range(3)),
+                                  pt.Unpicklable], ids=["lock", "generator", "refuses"])
+def test_unpicklable_argument_fails_on_the_future_as_the_stdlibs(
+        pool: propagate.ProcessPoolExecutor, tmp_path: Path, make: Callable[[], object]) -> None:
+    """I7: what the stdlib cannot pickle fails where it does: on the future, same exception.
+
+    ``submit`` returns; ``result()`` raises the pickler's own exception (so ``except
+    pickle.PicklingError`` still matches), and the task never ran.
+    """
     mark = tmp_path / "ran"
-    with pytest.raises(propagate.TaskSerializationError) as info:
-        pool.submit(pt.touch, str(mark), make())
-    assert "touch" in str(info.value)
+    value = make()
+    with cf.ProcessPoolExecutor(1, mp_context=pool._mp_context) as stdlib:  # type: ignore[attr-defined]
+        expected = stdlib.submit(pt.touch, str(mark), value).exception(timeout=TIMEOUT)
+    got = pool.submit(pt.touch, str(mark), value).exception(timeout=TIMEOUT)
+    assert expected is not None and got is not None
+    assert (type(got), str(got)) == (type(expected), str(expected))
+    if isinstance(value, pt.Unpicklable):
+        assert isinstance(got, pickle.PicklingError)
     assert pool.submit(pt.square, 4).result(timeout=TIMEOUT) == 16
     assert not mark.exists()
 
 
+def test_map_raises_after_the_results_before_an_unpicklable_item(
+        pool: propagate.ProcessPoolExecutor) -> None:
+    """I7: map(f, [1, 2, bad, 4]) yields 1 and 4, then raises, as the stdlib's does."""
+    results = pool.map(pt.square, [1, 2, threading.Lock(), 4])
+    assert next(results) == 1
+    assert next(results) == 4
+    with pytest.raises(TypeError, match="lock"):
+        next(results)
+
+
+def test_lambda_capturing_a_lock_names_the_task(pool: propagate.ProcessPoolExecutor) -> None:
+    """I7: a lambda nothing can send fails on its future, the note naming the lambda."""
+    lock = threading.Lock()
+    error = pool.submit(lambda: lock.locked()).exception(timeout=TIMEOUT)
+    assert isinstance(error, TypeError) and "lock" in str(error)
+    if sys.version_info >= (3, 11):
+        assert any("<lambda>" in note for note in error.__notes__)
+
+
+def test_semaphore_method_fails_on_the_future_not_at_submit(
+        pool: propagate.ProcessPoolExecutor) -> None:
+    """I7: a multiprocessing Semaphore's method (CPython's test_saturation) submits, as with
+    the stdlib; only sending it fails, on its future."""
+    sem = pool._mp_context.Semaphore(0)  # type: ignore[attr-defined]
+    with cf.ProcessPoolExecutor(1, mp_context=pool._mp_context) as stdlib:  # type: ignore[attr-defined]
+        expected = stdlib.submit(sem.acquire).exception(timeout=TIMEOUT)
+    error = pool.submit(sem.acquire).exception(timeout=TIMEOUT)
+    assert expected is not None and error is not None
+    assert (type(error), str(error)) == (type(expected), str(expected))
+
+
 @pytest.mark.parametrize("how", ["argument", "global"])
-def test_unregistered_contextvar_fails_at_submit(pool: propagate.ProcessPoolExecutor,
-                                                 how: str) -> None:
+def test_unregistered_contextvar_fails_on_the_future(pool: propagate.ProcessPoolExecutor,
+                                                     how: str) -> None:
     """I7: an unregistered ContextVar cannot cross, and the error says to register it."""
-    with pytest.raises(propagate.TaskSerializationError, match=r"propagate\.register"):
-        if how == "argument":
-            pool.submit(pt.touch, "/nonexistent/never", UNREGISTERED)
-        else:
-            pool.submit(lambda: UNREGISTERED.get())
+    if how == "argument":
+        future = pool.submit(pt.touch, "/nonexistent/never", UNREGISTERED)
+    else:
+        future = pool.submit(lambda: UNREGISTERED.get())
+    with pytest.raises(TypeError, match=r"propagate\.register"):
+        future.result(timeout=TIMEOUT)
     assert pool.submit(pt.square, 5).result(timeout=TIMEOUT) == 25
+
+
+def test_task_that_cannot_be_unpickled_in_the_worker_breaks_the_pool_as_the_stdlibs(
+        mp_context: BaseContext) -> None:
+    """I7: what the worker cannot unpickle gives what the stdlib gives: BrokenProcessPool."""
+    with propagate.ProcessPoolExecutor(1, mp_context=mp_context) as pool, \
+            pytest.raises(BrokenProcessPool):
+        pool.submit(pt.touch, "/nonexistent/never", pt.FailsToLoad()).result(timeout=TIMEOUT)
+
+
+# -- what the stdlib's pickler sends, propagate sends -----------------------------------------
+
+def test_pipe_end_crosses_as_the_stdlib_sends_it(pool: propagate.ProcessPoolExecutor) -> None:
+    """A multiprocessing Connection crosses through multiprocessing's reducer: a live pipe."""
+    mine, theirs = pool._mp_context.Pipe()  # type: ignore[attr-defined]
+    with mine, theirs:
+        worker = pool.submit(pt.send_on, theirs, {"hello": "parent"}).result(timeout=TIMEOUT)
+        assert mine.poll(TIMEOUT)
+        assert mine.recv() == {"hello": "parent"}
+    assert worker != os.getpid()
+
+
+def test_socket_crosses_as_the_stdlib_sends_it(pool: propagate.ProcessPoolExecutor) -> None:
+    """A socket crosses through multiprocessing's reducer, duplicated into the worker."""
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        assert pool.submit(pt.send_on_socket, theirs, b"ping").result(timeout=TIMEOUT) == 4
+        mine.settimeout(TIMEOUT)
+        assert mine.recv(4) == b"ping"
+
+
+def test_registered_reducer_is_used_once_per_send(pool: propagate.ProcessPoolExecutor) -> None:
+    """A reducer registered with ForkingPickler.register is used, and runs once per send."""
+    calls = []
+
+    def reduce_marked(value: pt.Marked) -> tuple[Any, ...]:
+        calls.append(value.how)
+        return pt.Marked, ("through the registered reducer",)
+
+    ForkingPickler.register(pt.Marked, reduce_marked)
+    try:
+        got = pool.submit(pt.how_marked, pt.Marked("plain")).result(timeout=TIMEOUT)
+    finally:
+        ForkingPickler._extra_reducers.pop(pt.Marked, None)  # type: ignore[attr-defined]
+    assert got == "through the registered reducer"
+    assert calls == ["plain"]
+
+
+def test_lambda_using_a_module_level_tracer(pool: propagate.ProcessPoolExecutor,
+                                            exporter: InMemorySpanExporter,
+                                            tracer: trace.Tracer) -> None:
+    """The standard idiom: a lambda using ``tracer = trace.get_tracer(__name__)`` is sent,
+    the tracer by reference to the worker's own provider, and its span comes home."""
+    with tracer.start_as_current_span("submitter"):
+        submitter = current_ids()
+        pool.submit(lambda: pt.tracer.start_span("from a lambda").end()).result(timeout=TIMEOUT)
+    span = named(exporter, "from a lambda")
+    assert span.parent is not None
+    assert (span.context.trace_id, span.parent.span_id) == submitter
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "tests.process_tasks"
+
+
+# -- baggage crosses as strings ----------------------------------------------------------------
+
+class NoString:
+    def __str__(self) -> str:
+        raise RuntimeError("no string for you")
+
+
+class AmbiguousEquality:
+    """Like a numpy array: ``==`` raises."""
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("the truth value is ambiguous")
+
+    __hash__ = object.__hash__
+
+    def __str__(self) -> str:
+        return "ambiguous"
+
+
+def test_baggage_crosses_as_strings(pool: propagate.ProcessPoolExecutor) -> None:
+    """Baggage is strings, as OpenTelemetry carries it: other values cross as ``str(value)``.
+
+    A value whose ``==`` raises crosses too, task after task in one worker.
+    """
+    with with_baggage(count=3, odd=AmbiguousEquality()):
+        first = pool.submit(pt.baggage_value, "count").result(timeout=TIMEOUT)
+        second = pool.submit(pt.baggage_value, "odd").result(timeout=TIMEOUT)
+        third = pool.submit(pt.baggage_value, "odd").result(timeout=TIMEOUT)
+    assert (first, second, third) == ("3", "ambiguous", "ambiguous")
+
+
+def test_baggage_value_with_no_string_fails_at_submit_naming_the_key(
+        pool: propagate.ProcessPoolExecutor) -> None:
+    with with_baggage(broken=NoString()), \
+            pytest.raises(propagate.ContextSerializationError, match="'broken'"):
+        pool.submit(pt.square, 2)
+
+
+# -- exactly once, through every path -----------------------------------------------------------
+
+def test_exception_object_raised_by_several_tasks_sends_each_span_once(
+        pool: propagate.ProcessPoolExecutor, exporter: InMemorySpanExporter) -> None:
+    """I6: one cached exception object raised by task after task: each span arrives once.
+
+    Also returned as a value, and raised from ``map``.
+    """
+    for name in ("one", "two", "three"):
+        with pytest.raises(pt.TaskError, match="cached"):
+            pool.submit(pt.raise_cached, name).result(timeout=TIMEOUT)
+    returned = pool.submit(pt.return_cached, "four").result(timeout=TIMEOUT)
+    assert isinstance(returned, pt.TaskError)
+    with pytest.raises(pt.TaskError):
+        list(pool.map(pt.raise_cached, ["five", "six"]))
+    pool.submit(pt.pid).result(timeout=TIMEOUT)  # one worker, in order: "six" is home too
+    names = sorted(s.name for s in relayed(exporter))
+    assert names == sorted(["one", "two", "three", "four", "five", "six"]), names
+    assert_unique(exporter)
+
+
+def test_result_that_cannot_be_pickled_fails_and_its_spans_arrive(
+        pool: propagate.ProcessPoolExecutor, exporter: InMemorySpanExporter) -> None:
+    """I6: a result the worker cannot send fails with the pickler's own error, as with the
+    stdlib; the task's spans still arrive, once."""
+    with pytest.raises(TypeError, match="lock"):
+        pool.submit(pt.span_then_make, "kept", "lock").result(timeout=TIMEOUT)
+    assert [s.name for s in relayed(exporter)] == ["kept"]
+
+
+def test_exception_that_cannot_be_pickled_fails_and_its_spans_arrive(
+        pool: propagate.ProcessPoolExecutor, exporter: InMemorySpanExporter) -> None:
+    with pytest.raises(TypeError, match="lock"):
+        pool.submit(pt.raise_unpicklable, "kept").result(timeout=TIMEOUT)
+    assert [s.name for s in relayed(exporter)] == ["kept"]
+
+
+def test_result_that_cannot_be_unpickled_breaks_the_pool_and_its_spans_arrive(
+        mp_context: BaseContext, exporter: InMemorySpanExporter) -> None:
+    """I6: a result the parent cannot unpickle breaks the pool (the stdlib's outcome); the
+    spans that rode on it were delivered first, once."""
+    with propagate.ProcessPoolExecutor(1, mp_context=mp_context) as pool:
+        future = pool.submit(pt.span_then_make, "before", "fails to load")
+        with pytest.raises(BrokenProcessPool):
+            future.result(timeout=TIMEOUT)
+    assert [s.name for s in relayed(exporter)] == ["before"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="max_tasks_per_child is 3.11+")
+def test_spans_arrive_once_with_max_tasks_per_child(mp_context: BaseContext,
+                                                    exporter: InMemorySpanExporter) -> None:
+    """I6: workers replaced after every task lose none of their spans and repeat none."""
+    if mp_context.get_start_method() == "fork":
+        pytest.skip("max_tasks_per_child refuses the fork start method")
+    with propagate.ProcessPoolExecutor(1, mp_context=mp_context, max_tasks_per_child=1) as pool:
+        names = [f"task {i}" for i in range(4)]
+        assert list(pool.map(pt.span_then_return, names, names)) == names
+    assert sorted(s.name for s in relayed(exporter)) == sorted(names)
+    assert_unique(exporter)
+
+
+# -- telemetry trouble never fails a task -------------------------------------------------------
+
+def test_worker_provider_with_its_own_active_processor_runs_tasks(
+        mp_context: BaseContext, exporter: InMemorySpanExporter, tracer: trace.Tracer) -> None:
+    """I7: a worker whose provider has an active span processor the relay can neither
+    replace nor add to (set up by the initializer) still runs every task; its spans stay
+    in the worker (one warning there), none arrives twice."""
+    with propagate.ProcessPoolExecutor(1, mp_context=mp_context,
+                                       initializer=pt.use_opaque_provider) as pool, \
+            tracer.start_as_current_span("submitter"):
+        assert pool.submit(pt.span_then_return, "inside", 7).result(timeout=TIMEOUT) == 7
+        assert pool.submit(pt.span_then_return, "again", 8).result(timeout=TIMEOUT) == 8
+    expected = ["again", "inside"] if mp_context.get_start_method() == "fork" else []
+    assert sorted(s.name for s in relayed(exporter)) == expected  # fork: the session's provider
+
+
+# -- the wire has a version -----------------------------------------------------------------------
+
+def test_task_from_another_release_fails_naming_both_versions(mp_context: BaseContext) -> None:
+    """A worker on another release of propagate fails the task at once, naming both."""
+    forged = (_wire.WIRE + 1, "9.9.9", b"whatever comes next")
+    with cf.ProcessPoolExecutor(1, mp_context=mp_context) as stdlib:
+        error = stdlib.submit(run_detached, forged).exception(timeout=TIMEOUT)
+        old = stdlib.submit(run_detached, b"a 0.1 blob").exception(timeout=TIMEOUT)
+    assert isinstance(error, RuntimeError)
+    assert "9.9.9" in str(error) and propagate.__version__ in str(error)
+    assert isinstance(old, RuntimeError) and "0.1" in str(old)
 
 
 # -- I7: faults ----------------------------------------------------------------------------

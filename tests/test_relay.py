@@ -12,12 +12,13 @@ import io
 import logging
 import os
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import (
@@ -47,6 +48,10 @@ class PlainUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"not plain data: {module}.{name}")
+
+
+ORIGIN_A = (1, "origin a")
+ORIGIN_B = (2, "origin b")
 
 
 class TaskFailed(Exception):
@@ -148,24 +153,74 @@ def test_root_span_without_scope_round_trips() -> None:
 
 # -- collecting in a worker ------------------------------------------------------------------
 
-def test_collector_keeps_each_batch_to_its_context() -> None:
-    """I6: spans ended in a batch's Context go to that batch; stray ones ride with the next."""
+@pytest.fixture
+def collector() -> Iterator[trace.Tracer]:
+    """A provider whose only processor is the relay's collector, as in a worker; fresh state."""
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(_relay._COLLECTOR)
-    tracer = provider.get_tracer("tests.relay")
+    _relay._origins.clear()
+    _relay._strays.clear()
+    yield provider.get_tracer("tests.relay")
+    _relay._origins.clear()
+    _relay._strays.clear()
 
+
+def test_collector_keeps_each_batch_to_its_context(collector: trace.Tracer) -> None:
+    """I6: spans ended in a batch's Context go to that batch, and to no other."""
     def task(name: str) -> list[tuple[Any, ...]]:
-        batch = _relay.Batch()
-        with tracer.start_as_current_span(name):
+        batch = _relay.Batch(ORIGIN_A)
+        with collector.start_as_current_span(name):
             pass
         return batch.close()
 
-    with tracer.start_as_current_span("stray"):  # outside any batch
-        pass
     first = contextvars.copy_context().run(task, "first")
     second = contextvars.copy_context().run(task, "second")
-    assert [e[0] for e in first] == ["first", "stray"]
+    assert [e[0] for e in first] == ["first"]
     assert [e[0] for e in second] == ["second"]
+
+
+def test_span_ended_after_its_task_goes_home_with_its_origins_next(
+        collector: trace.Tracer) -> None:
+    """I6: a span a task left to a thread, ended after the task, rides with that origin's next.
+
+    Two origins share the worker (a Dask worker serving two clients): the stray never goes
+    to the other one.
+    """
+    def task(origin: tuple[int, str], name: str, leave: list[Any]) -> list[tuple[Any, ...]]:
+        batch = _relay.Batch(origin)
+        with collector.start_as_current_span(name):
+            if leave is not None:
+                leave.append((contextvars.copy_context(), collector.start_span("left")))
+        return batch.close()
+
+    left: list[Any] = []
+    assert [e[0] for e in contextvars.copy_context().run(task, ORIGIN_A, "a1", left)] == ["a1"]
+    [(ctx, span)] = left
+    ctx.run(span.end)  # in the task's Context, after its batch closed
+    assert [e[0] for e in contextvars.copy_context().run(task, ORIGIN_B, "b1", None)] == ["b1"]
+    assert [e[0] for e in contextvars.copy_context().run(task, ORIGIN_A, "a2", None)] == [
+        "a2", "left"]
+
+
+def test_span_outside_any_task_goes_only_to_the_only_origin(collector: trace.Tracer) -> None:
+    """I6: a span ended outside any task goes home with the worker's only origin, if one.
+
+    A process pool's worker serves one parent; a worker shared by two origins cannot
+    tell whose it is, and sends it to neither.
+    """
+    def task(origin: tuple[int, str]) -> list[str]:
+        batch = _relay.Batch(origin)
+        return [e[0] for e in batch.close()]
+
+    assert contextvars.copy_context().run(task, ORIGIN_A) == []
+    with collector.start_as_current_span("outside"):
+        pass
+    assert contextvars.copy_context().run(task, ORIGIN_A) == ["outside"]
+    assert contextvars.copy_context().run(task, ORIGIN_B) == []
+    with collector.start_as_current_span("whose"):
+        pass
+    assert contextvars.copy_context().run(task, ORIGIN_A) == []
+    assert contextvars.copy_context().run(task, ORIGIN_B) == []
 
 
 # -- delivery --------------------------------------------------------------------------------
@@ -219,7 +274,7 @@ def test_reply_elsewhere_keeps_carrying(exporter: InMemorySpanExporter,
     elsewhere = (os.getpid() + 1, "another process")
     back = pickle.loads(pickle.dumps(_relay.reply(elsewhere, spans, 7)))
     assert isinstance(back, _relay.Reply)
-    assert (back.origin, back.spans, back.result) == (elsewhere, spans, 7)
+    assert (back.delivery.origin, back.delivery.spans, back.result) == (elsewhere, spans, 7)
     assert exporter.get_finished_spans() == ()
 
 
@@ -275,17 +330,151 @@ def test_stash_without_spans_leaves_exception_alone() -> None:
     assert vars(exc) == {}
 
 
-def test_stash_on_exception_that_drops_its_dict(caplog: pytest.LogCaptureFixture,
-                                                worker_tracer: trace.Tracer,
-                                                worker_exporter: InMemorySpanExporter) -> None:
-    """I6: an exception whose pickling drops __dict__ is left as it was, with a warning."""
-    caplog.set_level(logging.WARNING, logger="propagate")
+def test_spans_ride_on_an_exception_that_drops_its_dict(
+        exporter: InMemorySpanExporter, worker_tracer: trace.Tracer,
+        worker_exporter: InMemorySpanExporter) -> None:
+    """I6: an exception whose own __reduce__ keeps only its args still carries its spans."""
     exc = DropsDict("custom")
     _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "dropped")])
-    assert vars(exc) == {}
-    assert pickle.loads(pickle.dumps(exc)).args == ("custom",)
-    assert any("DropsDict" in r.getMessage() for r in caplog.records
-               if r.name == "propagate" and r.levelno == logging.WARNING)
+    back = pickle.loads(pickle.dumps(exc))
+    assert (type(back), back.args, extra_state(back)) == (DropsDict, ("custom",), {})
+    assert [s.name for s in exporter.get_finished_spans()] == ["dropped"]
+    assert vars(exc) == {}  # sent: the worker's object is as it was
+
+
+def test_reused_exception_sends_each_span_once(exporter: InMemorySpanExporter,
+                                               worker_tracer: trace.Tracer,
+                                               worker_exporter: InMemorySpanExporter) -> None:
+    """I6: one exception object raised by several tasks (a cached error) sends each span once.
+
+    Raised with spans, then without, then with others, then returned as a value: each
+    trip delivers only what its own task recorded.
+    """
+    cached = TaskFailed("cached")
+    names = []
+    for spans in (["first"], [], ["second", "third"]):
+        _relay.stash(cached, _relay.here(),
+                     [encoded(worker_tracer, worker_exporter, n) for n in spans])
+        back = pickle.loads(pickle.dumps(cached))
+        assert (type(back), back.args, extra_state(back)) == (TaskFailed, ("cached",), {})
+        names.append([s.name for s in exporter.get_finished_spans()])
+        exporter.clear()
+    assert names == [["first"], [], ["second", "third"]]
+    pickle.loads(pickle.dumps(_relay.reply(_relay.here(), [], cached)))  # returned as a value
+    assert exporter.get_finished_spans() == ()
+
+
+def test_reused_tblib_exception_sends_each_span_once(
+        exporter: InMemorySpanExporter, worker_tracer: trace.Tracer,
+        worker_exporter: InMemorySpanExporter) -> None:
+    """I6: the same under tblib's pickling, where the spans ride in the exception's state."""
+    pickling_support = pytest.importorskip("tblib.pickling_support")
+    saved = dict(copyreg.dispatch_table)
+    try:
+        pickling_support.install(TblibFailed)
+        cached = TblibFailed("cached")
+        _relay.stash(cached, _relay.here(), [encoded(worker_tracer, worker_exporter, "once")])
+        pickle.loads(pickle.dumps(cached))
+        pickle.loads(pickle.dumps(cached))  # pickled again, returned as a value: nothing more
+        _relay.stash(cached, _relay.here(), [])
+        pickle.loads(pickle.dumps(cached))
+    finally:
+        copyreg.dispatch_table.clear()
+        copyreg.dispatch_table.update(saved)
+    assert [s.name for s in exporter.get_finished_spans()] == ["once"]
+
+
+class NeedsTwo(Exception):
+    """Pickles, but cannot be rebuilt: its __init__ wants two arguments, args holds one."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}{b}")
+
+
+class Unloadable:
+    """A result that pickles but cannot be unpickled."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse, ())
+
+
+def _refuse() -> None:
+    raise ValueError("cannot be rebuilt here")
+
+
+def test_spans_arrive_when_the_exception_cannot_be_rebuilt(
+        exporter: InMemorySpanExporter, worker_tracer: trace.Tracer,
+        worker_exporter: InMemorySpanExporter) -> None:
+    """I6: spans go first: an exception that fails to unpickle still delivered them, once."""
+    exc = NeedsTwo("a", "b")
+    _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "before")])
+    blob = pickle.dumps(exc)
+    with pytest.raises(TypeError):
+        pickle.loads(blob)
+    assert [s.name for s in exporter.get_finished_spans()] == ["before"]
+
+
+def test_spans_arrive_when_the_result_cannot_be_rebuilt(
+        exporter: InMemorySpanExporter, worker_tracer: trace.Tracer,
+        worker_exporter: InMemorySpanExporter) -> None:
+    """I6: a result that fails to unpickle still delivered its spans, once, first."""
+    reply = _relay.reply(_relay.here(), [encoded(worker_tracer, worker_exporter, "before")],
+                         Unloadable())
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        pickle.loads(pickle.dumps(reply))
+    assert [s.name for s in exporter.get_finished_spans()] == ["before"]
+
+
+class StartStamper(SpanProcessor):
+    """Acts at start, as the contrib BaggageSpanProcessor does, and stamps its own pid."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, Any, dict[str, object]]] = []
+        self.ended: list[str] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        self.started.append((span.name, parent, dict(baggage.get_all(parent_context))))
+        for key, value in baggage.get_all(parent_context).items():
+            span.set_attribute(f"baggage.{key}", str(value))
+        span.set_attribute("process.pid", -1)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended.append(span.name)
+
+
+def test_relayed_spans_go_through_on_start_and_on_end_once(
+        exporter: InMemorySpanExporter, worker_exporter: InMemorySpanExporter) -> None:
+    """I6: start-time processors see worker spans: parent context and baggage, once each.
+
+    What the worker recorded wins over what a processor stamps at start here.
+    """
+    stamper = StartStamper()
+    trace.get_tracer_provider().add_span_processor(stamper)  # type: ignore[attr-defined]
+    collecting = TracerProvider(shutdown_on_exit=False)
+    collecting.add_span_processor(SimpleSpanProcessor(worker_exporter))
+    collecting.add_span_processor(_relay._COLLECTOR)
+    tracer = collecting.get_tracer("tests.relay")
+    ctx = baggage.set_baggage("tenant", "acme",
+                              trace.set_span_in_context(NonRecordingSpan(PARENT)))
+    batch = _relay.Batch(_relay.here())
+    with tracer.start_as_current_span("worker", context=ctx,
+                                      attributes={"process.pid": 4242}):
+        pass
+    spans = batch.close()
+    try:
+        pickle.loads(pickle.dumps(_relay.reply(_relay.here(), spans, None)))
+    finally:
+        stamper.shutdown()
+        trace.get_tracer_provider()._active_span_processor._span_processors = tuple(  # type: ignore[attr-defined]
+            p for p in trace.get_tracer_provider()._active_span_processor._span_processors  # type: ignore[attr-defined]
+            if p is not stamper)
+    assert stamper.started == [("worker", PARENT, {"tenant": "acme"})]
+    assert stamper.ended == ["worker"]
+    [span] = exporter.get_finished_spans()
+    assert span.attributes is not None
+    assert (span.attributes["process.pid"], span.attributes["baggage.tenant"]) == (4242, "acme")
+    assert span.parent is not None and identity(span.parent) == identity(PARENT)
 
 
 @pytest.mark.parametrize("bad", [
