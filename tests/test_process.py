@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import contextlib
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -759,6 +760,59 @@ def test_dead_worker_breaks_pool(mp_context: BaseContext, tracer: trace.Tracer,
         assert current_ids() == before
         assert dict(baggage.get_all()) == {"user": "alice"}
         assert REQUEST_ID.get() == "req-dead"
+
+
+def test_worker_killed_while_logging(mp_context: BaseContext,
+                                     exporter: InMemorySpanExporter) -> None:
+    """I7: a worker killed in the middle of logging (holding logging's lock) breaks the pool
+    in bounded time, as the stdlib's; spans already home stay, once; the dying task's
+    span never arrives half-made."""
+    with propagate.ProcessPoolExecutor(1, mp_context) as pool:
+        assert pool.submit(pt.span_then_return, "before", 1).result(timeout=TIMEOUT) == 1
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(pt.log_then_die, "unused").result(timeout=TIMEOUT)
+    assert [s.name for s in relayed(exporter)] == ["before"]
+
+
+def test_shutdown_while_results_are_in_flight(mp_context: BaseContext,
+                                              exporter: InMemorySpanExporter) -> None:
+    """I6: shutdown(wait=False, cancel_futures=True) with results on their way: what ran
+    resolves, with its spans home once each; what was cancelled sends none."""
+    pool = propagate.ProcessPoolExecutor(2, mp_context)
+    names = [f"flight-{i}" for i in range(12)]
+    futures = [pool.submit(pt.sleep_then, name, 0.05) for name in names]
+    wait_running(futures[0])
+    pool.shutdown(wait=False, cancel_futures=True)
+    wait_done(futures)
+    pool.shutdown(wait=True)
+    ran = sorted(f.result() for f in futures if not f.cancelled())
+    assert ran, "the first task was running: it must have finished"
+    assert sorted(s.name for s in relayed(exporter)) == ran
+    assert_unique(exporter)
+
+
+def test_keyboard_interrupt_in_the_parent_while_tasks_run(
+        mp_context: BaseContext, exporter: InMemorySpanExporter) -> None:
+    """I7: Ctrl-C in the parent while it waits on tasks: the KeyboardInterrupt reaches the
+    caller, as with the stdlib; leaving the ``with`` block waits for the running tasks, and
+    every span of a task that finished is home, once."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    futures: list[cf.Future[Any]] = []
+    try:
+        with pytest.raises(KeyboardInterrupt), \
+                propagate.ProcessPoolExecutor(2, mp_context) as pool:
+            futures += [pool.submit(pt.sleep_then, f"ctrl-c-{i}", 0.2) for i in range(6)]
+            interrupt.start()
+            futures[-1].result(timeout=TIMEOUT)
+            time.sleep(TIMEOUT)  # the interrupt comes before this ends
+    finally:
+        interrupt.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert all(f.done() for f in futures)  # the with block's shutdown waited for them
+    finished = sorted(f.result() for f in futures if not f.cancelled())
+    assert sorted(s.name for s in relayed(exporter)) == finished
+    assert_unique(exporter)
 
 
 # -- cancellation, as the stdlib -----------------------------------------------------------

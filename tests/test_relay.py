@@ -335,11 +335,37 @@ def test_spans_ride_on_an_exception_that_drops_its_dict(
         worker_exporter: InMemorySpanExporter) -> None:
     """I6: an exception whose own __reduce__ keeps only its args still carries its spans."""
     exc = DropsDict("custom")
-    _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "dropped")])
-    back = pickle.loads(pickle.dumps(exc))
+    tblib = copyreg.dispatch_table.pop(DropsDict, None)  # `import distributed` may add it
+    try:
+        _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "dropped")])
+        back = pickle.loads(pickle.dumps(exc))
+    finally:
+        if tblib is not None:
+            copyreg.dispatch_table[DropsDict] = tblib
     assert (type(back), back.args, extra_state(back)) == (DropsDict, ("custom",), {})
     assert [s.name for s in exporter.get_finished_spans()] == ["dropped"]
     assert vars(exc) == {}  # sent: the worker's object is as it was
+
+
+def test_exception_that_drops_its_dict_under_tblib_warns(
+        caplog: pytest.LogCaptureFixture, worker_tracer: trace.Tracer,
+        worker_exporter: InMemorySpanExporter) -> None:
+    """I6: under tblib's pickling, which ends in the type's own reduction, an exception that
+    drops its __dict__ cannot carry spans: it is left as it was, with a warning."""
+    pickling_support = pytest.importorskip("tblib.pickling_support")
+    caplog.set_level(logging.WARNING, logger="propagate")
+    saved = dict(copyreg.dispatch_table)
+    try:
+        pickling_support.install(DropsDict)
+        exc = DropsDict("custom")
+        _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "dropped")])
+        assert vars(exc) == {}
+        assert pickle.loads(pickle.dumps(exc)).args == ("custom",)
+    finally:
+        copyreg.dispatch_table.clear()
+        copyreg.dispatch_table.update(saved)
+    assert any("DropsDict" in r.getMessage() for r in caplog.records
+               if r.name == "propagate" and r.levelno == logging.WARNING)
 
 
 def test_reused_exception_sends_each_span_once(exporter: InMemorySpanExporter,
@@ -407,8 +433,13 @@ def test_spans_arrive_when_the_exception_cannot_be_rebuilt(
         worker_exporter: InMemorySpanExporter) -> None:
     """I6: spans go first: an exception that fails to unpickle still delivered them, once."""
     exc = NeedsTwo("a", "b")
-    _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "before")])
-    blob = pickle.dumps(exc)
+    tblib = copyreg.dispatch_table.pop(NeedsTwo, None)  # `import distributed` may add it
+    try:
+        _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "before")])
+        blob = pickle.dumps(exc)
+    finally:
+        if tblib is not None:
+            copyreg.dispatch_table[NeedsTwo] = tblib
     with pytest.raises(TypeError):
         pickle.loads(blob)
     assert [s.name for s in exporter.get_finished_spans()] == ["before"]
