@@ -28,10 +28,12 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
+import sys
 import threading
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from types import FunctionType
 from typing import Any
 
 import cloudpickle
@@ -80,7 +82,7 @@ class Lazy:
         self.envelope = envelope
 
     def __reduce__(self) -> tuple[Any, ...]:
-        if _sendable(self.envelope) is None:
+        if _plainly_sendable(self.envelope) or _sendable(self.envelope) is None:
             return tuple, (self.envelope,)
         try:
             blob = _cloudpickle(self.envelope[2:])
@@ -91,6 +93,45 @@ class Lazy:
 
 def _envelope_of(versions: tuple[Any, ...], blob: bytes) -> tuple[Any, ...]:
     return (*versions, blob)
+
+
+def _plainly_sendable(envelope: tuple[Any, ...]) -> bool:
+    """True when any pickler surely sends ``envelope``: a shortcut past the trial.
+
+    The fields propagate made are plain by construction (ints, strings, tuples of them);
+    the user's must be plain data (a few dozen containers at most, of atoms) and
+    functions found by their names where they were defined, which is what pickle itself
+    checks before it sends a function by name. Anything else (say False) goes to the trial.
+    """
+    _, _, fn, args, kwargs, _, _, values, _, _ = envelope
+    if type(fn) is not FunctionType or not _found_by_name(fn):
+        return False
+    if not (args or kwargs or values):
+        return True
+    budget = [64]
+    return _plain(args, budget) and _plain(kwargs, budget) and _plain(values, budget)
+
+
+def _plain(obj: object, budget: list[int]) -> bool:
+    kind = type(obj)
+    if kind in _ATOMS:
+        return True
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if kind is tuple or kind is list:
+        return all(_plain(item, budget) for item in obj)  # type: ignore[attr-defined]
+    if kind is dict:
+        return all(type(key) is str and _plain(value, budget)
+                   for key, value in obj.items())  # type: ignore[attr-defined]
+    return kind is FunctionType and _found_by_name(obj)  # type: ignore[arg-type]
+
+
+def _found_by_name(fn: FunctionType) -> bool:
+    found: object = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is fn
 
 
 class _Discard:
@@ -209,7 +250,7 @@ def check_values(values: Mapping[str, object]) -> None:
                 "instead of a connection, lock or client") from exc
 
 
-_ATOMS = frozenset({str, int, float, bool, type(None), bytes})
+_ATOMS = frozenset({str, int, float, bool, type(None), bytes, bytearray})
 
 
 # -- the eager path: a blob, made at submit -----------------------------------------------------

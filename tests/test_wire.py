@@ -1,0 +1,89 @@
+"""propagate._wire: the envelope a task crosses in, and the checks made before it is sent.
+
+Unit level: the process pool tests (test_process.py) send tasks through real workers.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import pytest
+
+import propagate
+from propagate import _wire
+from tests import process_tasks as pt
+
+
+def envelope(fn: Callable[..., Any], *args: Any, values: dict[str, object] | None = None,
+             **kwargs: Any) -> tuple[Any, ...]:
+    return _wire.envelope(fn, args, kwargs, None, {}, values or {}, (None, 0, False, True), None)
+
+
+def local_function() -> Callable[[], None]:
+    def inner() -> None:
+        return None
+    return inner
+
+
+@pytest.mark.parametrize(("task", "plain"), [
+    (envelope(pt.square, 3), True),
+    (envelope(pt.touch, "path", b"x" * 10_000, (1, 2.5, None), key={"a": [1, "b"]}), True),
+    (envelope(pt.square, values={"tests.request_id": "r-1"}), True),
+    (envelope(pt.square, pt.square), True),  # a function found by its name, as an argument
+    (envelope(lambda: None), False),
+    (envelope(local_function()), False),
+    (envelope(pt.square, threading.Lock()), False),
+    (envelope(pt.square, pt.Marked("x")), False),  # not plain data: the trial decides
+    (envelope(pt.square, [[i] for i in range(100)]), False),  # too many containers to walk
+], ids=["function", "plain-data", "values", "function-argument", "lambda", "local",
+        "lock", "object", "many-containers"])
+def test_plainly_sendable_is_a_shortcut_never_a_guess(task: tuple[Any, ...], plain: bool) -> None:
+    """The shortcut past the trial says yes only where every pickler surely succeeds."""
+    assert _wire._plainly_sendable(task) is plain
+    if plain:
+        pickle.loads(ForkingPickler.dumps(task))
+
+
+def test_trial_runs_no_reducer_with_effects() -> None:
+    """The trial must not run reducers that duplicate descriptors or that users registered:
+    a thrown-away trial would leak a descriptor or run a user's reducer twice."""
+    calls = []
+
+    def reduce_marked(value: pt.Marked) -> tuple[Any, ...]:
+        calls.append(value.how)
+        return pt.Marked, (value.how,)
+
+    ForkingPickler.register(pt.Marked, reduce_marked)
+    try:
+        assert _wire._sendable(envelope(pt.how_marked, pt.Marked("trial"))) is None
+        assert calls == []
+        ForkingPickler.dumps(_wire.Lazy(envelope(pt.how_marked, pt.Marked("sent"))))
+        assert calls == ["sent"]  # the real send runs it, once
+    finally:
+        ForkingPickler._extra_reducers.pop(pt.Marked, None)  # type: ignore[attr-defined]
+
+
+def test_trial_sees_through_multiprocessings_pure_reducers() -> None:
+    """A bound method of an unpicklable object fails the trial, as it fails the real send."""
+    lock = threading.Lock()
+    assert isinstance(_wire._sendable(envelope(pt.square, lock.acquire)), TypeError)
+
+
+def test_lazy_falls_back_to_cloudpickle_for_what_the_stdlib_cannot_send() -> None:
+    captured = 41
+    task = envelope(lambda: captured + 1)
+    fields = _wire.opened(pickle.loads(ForkingPickler.dumps(_wire.Lazy(task))))
+    assert fields[0]() == 42
+    assert fields[1:] == task[3:]
+
+
+def test_envelope_from_another_release_is_refused_naming_both() -> None:
+    with pytest.raises(RuntimeError, match=r"propagate 9\.9\.9.*propagate " +
+                       propagate.__version__.replace(".", r"\.")):
+        _wire.opened((_wire.WIRE + 1, "9.9.9", b""))
+    with pytest.raises(RuntimeError, match=r"older propagate \(0\.1\)"):
+        _wire.opened(b"a blob from 0.1")
