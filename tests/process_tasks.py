@@ -295,3 +295,13 @@ def span_then_make(name: str, make: str) -> object:
     with tracer.start_as_current_span(name):
         pass
     return threading.Lock() if make == "lock" else FailsToLoad()
+
+
+def raise_chained(name: str) -> None:
+    """Record a span, then raise an exception chained to another (``raise ... from ...``)."""
+    with tracer.start_as_current_span(name):
+        pass
+    try:
+        raise ValueError("the cause")
+    except ValueError as cause:
+        raise TaskError("chained") from cause

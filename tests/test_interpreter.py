@@ -200,3 +200,46 @@ def test_map_with_buffersize(pool: cf.Executor, tracer: trace.Tracer) -> None:
     seen, _ = in_request(tracer, lambda: list(pool.map(  # type: ignore[call-arg]
         pt.tagged, range(6), buffersize=2)))
     assert seen == [f"req-7:{i}" for i in range(6)]
+
+
+def test_exception_object_raised_by_several_tasks_sends_each_span_once(
+        exporter: InMemorySpanExporter) -> None:
+    """I6: one subinterpreter's cached exception object, raised task after task, and then
+    returned as a value: each task's span arrives once."""
+    with propagate.InterpreterPoolExecutor(1) as pool:
+        for name in ("one", "two", "three"):
+            with pytest.raises(pt.TaskError, match="cached"):
+                pool.submit(pt.raise_cached, name).result(timeout=WAIT)
+        assert isinstance(pool.submit(pt.return_cached, "four").result(timeout=WAIT),
+                          pt.TaskError)
+    assert sorted(s.name for s in exporter.get_finished_spans()) == [
+        "four", "one", "three", "two"]
+
+
+def test_baggage_crosses_as_strings(pool: cf.Executor) -> None:
+    """Baggage crosses as OpenTelemetry carries it, as strings."""
+    with with_baggage(count=3):
+        assert pool.submit(pt.baggage_value, "count").result(timeout=WAIT) == "3"
+
+
+def test_relayed_spans_go_through_on_start(pool: cf.Executor, tracer: trace.Tracer,
+                                           exporter: InMemorySpanExporter) -> None:
+    """I6: a subinterpreter's spans reach the parent's processors' on_start, then on_end."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Starts(SpanProcessor):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            self.names.append(span.name)
+
+    starts = Starts()
+    provider: Any = trace.get_tracer_provider()
+    provider.add_span_processor(starts)
+    try:
+        in_request(tracer, lambda: pool.submit(pt.record_spans, "outer").result(timeout=WAIT))
+    finally:
+        multi = provider._active_span_processor
+        multi._span_processors = tuple(p for p in multi._span_processors if p is not starts)
+    assert sorted(starts.names) == ["outer", "request"]

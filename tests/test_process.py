@@ -673,6 +673,14 @@ def test_exception_object_raised_by_several_tasks_sends_each_span_once(
     assert_unique(exporter)
 
 
+def test_chained_exception_sends_its_spans_once(pool: propagate.ProcessPoolExecutor,
+                                                exporter: InMemorySpanExporter) -> None:
+    """I6: an exception raised from another arrives as the stdlib sends it, spans once."""
+    with pytest.raises(pt.TaskError, match="chained"):
+        pool.submit(pt.raise_chained, "chained").result(timeout=TIMEOUT)
+    assert [s.name for s in relayed(exporter)] == ["chained"]
+
+
 def test_result_that_cannot_be_pickled_fails_and_its_spans_arrive(
         pool: propagate.ProcessPoolExecutor, exporter: InMemorySpanExporter) -> None:
     """I6: a result the worker cannot send fails with the pickler's own error, as with the
