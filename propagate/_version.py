@@ -1,3 +1,3 @@
 """The release, where the wire can read it without importing the package."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

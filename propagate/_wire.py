@@ -54,12 +54,13 @@ def envelope(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
 def opened(task: object) -> tuple[Any, ...]:
     """The fields after the version, from a task as it arrived; refuses another release's."""
     if not (isinstance(task, tuple) and len(task) > 2 and task[0] == WIRE):
-        theirs = (f"propagate {task[1]}" if isinstance(task, tuple) and len(task) > 2
-                  else "an older propagate (0.1)")
+        theirs = (f"propagate {task[1]} (wire format {task[0]})"
+                  if isinstance(task, tuple) and len(task) > 2
+                  else "an older propagate (0.1, wire format 1)")
         raise RuntimeError(
-            f"this task was sent by {theirs}, and this worker runs propagate {__version__}: "
-            "install the same release of propagate where tasks are submitted and where "
-            "they run")
+            f"this task was sent by {theirs}, and this worker runs propagate {__version__} "
+            f"(wire format {WIRE}): install the same release of propagate where tasks are "
+            "submitted and where they run")
     if len(task) == 3:  # eager: one blob after the versions
         return tuple(pickle.loads(task[2]))
     return task[2:]
@@ -257,14 +258,24 @@ _ATOMS = frozenset({str, int, float, bool, type(None), bytes, bytearray})
 
 
 def dumps(envelope: tuple[Any, ...], values: Mapping[str, object]) -> tuple[Any, ...]:
-    """The envelope with everything after its versions as one cloudpickle blob.
+    """The envelope with everything after its versions as one blob, made now.
 
-    For executors whose workers do not import our ``__main__``: cloudpickle sends what
-    plain pickle would send by reference to it by value, as Dask itself does.
+    For executors whose workers do not import our ``__main__``: plain pickle when it can
+    and the blob names no ``__main__``, else cloudpickle, which sends by value what plain
+    pickle would send by reference to it (as Dask itself does).
     """
-    check_values(values)
+    fields = envelope[2:]
     try:
-        return (*envelope[:2], _cloudpickle(envelope[2:]))
+        blob = pickle.dumps(fields, PROTOCOL)
+    except Exception:  # plain pickle refuses; cloudpickle may not
+        pass
+    else:
+        if b"__main__" not in blob:
+            return (*envelope[:2], blob)
+    if values:
+        check_values(values)
+    try:
+        return (*envelope[:2], _cloudpickle(fields))
     except Exception as exc:
         raise TaskSerializationError(
             f"cannot pickle {describe(envelope[2])} or its arguments for another process or "

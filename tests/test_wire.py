@@ -85,5 +85,5 @@ def test_envelope_from_another_release_is_refused_naming_both() -> None:
     with pytest.raises(RuntimeError, match=r"propagate 9\.9\.9.*propagate " +
                        propagate.__version__.replace(".", r"\.")):
         _wire.opened((_wire.WIRE + 1, "9.9.9", b""))
-    with pytest.raises(RuntimeError, match=r"older propagate \(0\.1\)"):
+    with pytest.raises(RuntimeError, match=r"older propagate \(0\.1, wire format 1\)"):
         _wire.opened(b"a blob from 0.1")
