@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import baggage, trace
@@ -43,6 +44,23 @@ PROVIDER = TracerProvider()
 PROVIDER.add_span_processor(THREADS)
 PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
 trace.set_tracer_provider(PROVIDER)
+
+
+@contextlib.contextmanager
+def with_processor(processor: SpanProcessor) -> Iterator[SpanProcessor]:
+    """``processor`` added to the session's provider for the block, then taken off again.
+
+    The SDK has no public way to remove a span processor: this reaches into its
+    multi-processor, as only a test should.
+    """
+    PROVIDER.add_span_processor(processor)
+    try:
+        yield processor
+    finally:
+        multi: Any = PROVIDER._active_span_processor
+        with multi._lock:
+            multi._span_processors = tuple(p for p in multi._span_processors
+                                           if p is not processor)
 
 
 @pytest.fixture

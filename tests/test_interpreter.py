@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import propagate
 from tests import process_tasks as pt
-from tests.conftest import with_baggage
+from tests.conftest import with_baggage, with_processor
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 14),
                                 reason="InterpreterPoolExecutor is new in Python 3.14")
@@ -235,11 +235,6 @@ def test_relayed_spans_go_through_on_start(pool: cf.Executor, tracer: trace.Trac
             self.names.append(span.name)
 
     starts = Starts()
-    provider: Any = trace.get_tracer_provider()
-    provider.add_span_processor(starts)
-    try:
+    with with_processor(starts):
         in_request(tracer, lambda: pool.submit(pt.record_spans, "outer").result(timeout=WAIT))
-    finally:
-        multi = provider._active_span_processor
-        multi._span_processors = tuple(p for p in multi._span_processors if p is not starts)
     assert sorted(starts.names) == ["outer", "request"]

@@ -6,6 +6,7 @@ through real workers.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copyreg
 import io
@@ -32,7 +33,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.status import Status, StatusCode
 
 from propagate import _relay
-from tests.conftest import extra_state
+from tests.conftest import extra_state, with_processor
 
 SCHEMA = "https://opentelemetry.io/schemas/1.21.0"
 SOURCE = ("worker-host", 4242)  # where relayed spans were recorded: (host.name, process.pid)
@@ -106,6 +107,33 @@ def encoded(tracer: trace.Tracer, exporter: InMemorySpanExporter, name: str) -> 
 
 def identity(sc: SpanContext) -> tuple[Any, ...]:
     return (sc.trace_id, sc.span_id, sc.trace_flags, tuple(sc.trace_state.items()), sc.is_remote)
+
+
+@contextlib.contextmanager
+def tblib_pickles(kind: type[BaseException]) -> Iterator[None]:
+    """tblib's pickling for ``kind``, as ``import distributed`` installs it, for the block.
+
+    tblib's hooks are process-wide: the other tests get back the pickling they had.
+    """
+    pickling_support = pytest.importorskip("tblib.pickling_support")
+    saved = dict(copyreg.dispatch_table)
+    try:
+        pickling_support.install(kind)
+        yield
+    finally:
+        copyreg.dispatch_table.clear()
+        copyreg.dispatch_table.update(saved)
+
+
+@contextlib.contextmanager
+def own_reduction(kind: type[BaseException]) -> Iterator[None]:
+    """``kind`` pickled by its own reduction, even if ``import distributed`` gave it tblib's."""
+    tblib = copyreg.dispatch_table.pop(kind, None)
+    try:
+        yield
+    finally:
+        if tblib is not None:
+            copyreg.dispatch_table[kind] = tblib
 
 
 # -- encoding --------------------------------------------------------------------------------
@@ -308,16 +336,10 @@ def test_spans_ride_home_on_an_exception_tblib_pickles(
         exporter: InMemorySpanExporter, worker_tracer: trace.Tracer,
         worker_exporter: InMemorySpanExporter) -> None:
     """I7: under tblib's exception pickling (``import distributed``) the exception is unchanged."""
-    pickling_support = pytest.importorskip("tblib.pickling_support")
-    saved = dict(copyreg.dispatch_table)
-    try:
-        pickling_support.install(TblibFailed)
+    with tblib_pickles(TblibFailed):
         exc = TblibFailed("boom")
         _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "tblib")])
         back = pickle.loads(pickle.dumps(exc))
-    finally:  # tblib's hooks are process-wide: leave the other tests the pickling they had
-        copyreg.dispatch_table.clear()
-        copyreg.dispatch_table.update(saved)
     assert (type(back), back.args) == (TblibFailed, ("boom",))
     assert [s.name for s in exporter.get_finished_spans()] == ["tblib"]
     assert extra_state(back) == {}
@@ -335,13 +357,9 @@ def test_spans_ride_on_an_exception_that_drops_its_dict(
         worker_exporter: InMemorySpanExporter) -> None:
     """I6: an exception whose own __reduce__ keeps only its args still carries its spans."""
     exc = DropsDict("custom")
-    tblib = copyreg.dispatch_table.pop(DropsDict, None)  # `import distributed` may add it
-    try:
+    with own_reduction(DropsDict):
         _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "dropped")])
         back = pickle.loads(pickle.dumps(exc))
-    finally:
-        if tblib is not None:
-            copyreg.dispatch_table[DropsDict] = tblib
     assert (type(back), back.args, extra_state(back)) == (DropsDict, ("custom",), {})
     assert [s.name for s in exporter.get_finished_spans()] == ["dropped"]
     assert vars(exc) == {}  # sent: the worker's object is as it was
@@ -352,18 +370,12 @@ def test_exception_that_drops_its_dict_under_tblib_warns(
         worker_exporter: InMemorySpanExporter) -> None:
     """I6: under tblib's pickling, which ends in the type's own reduction, an exception that
     drops its __dict__ cannot carry spans: it is left as it was, with a warning."""
-    pickling_support = pytest.importorskip("tblib.pickling_support")
     caplog.set_level(logging.WARNING, logger="propagate")
-    saved = dict(copyreg.dispatch_table)
-    try:
-        pickling_support.install(DropsDict)
+    with tblib_pickles(DropsDict):
         exc = DropsDict("custom")
         _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "dropped")])
         assert vars(exc) == {}
         assert pickle.loads(pickle.dumps(exc)).args == ("custom",)
-    finally:
-        copyreg.dispatch_table.clear()
-        copyreg.dispatch_table.update(saved)
     assert any("DropsDict" in r.getMessage() for r in caplog.records
                if r.name == "propagate" and r.levelno == logging.WARNING)
 
@@ -394,19 +406,13 @@ def test_reused_tblib_exception_sends_each_span_once(
         exporter: InMemorySpanExporter, worker_tracer: trace.Tracer,
         worker_exporter: InMemorySpanExporter) -> None:
     """I6: the same under tblib's pickling, where the spans ride in the exception's state."""
-    pickling_support = pytest.importorskip("tblib.pickling_support")
-    saved = dict(copyreg.dispatch_table)
-    try:
-        pickling_support.install(TblibFailed)
+    with tblib_pickles(TblibFailed):
         cached = TblibFailed("cached")
         _relay.stash(cached, _relay.here(), [encoded(worker_tracer, worker_exporter, "once")])
         pickle.loads(pickle.dumps(cached))
         pickle.loads(pickle.dumps(cached))  # pickled again, returned as a value: nothing more
         _relay.stash(cached, _relay.here(), [])
         pickle.loads(pickle.dumps(cached))
-    finally:
-        copyreg.dispatch_table.clear()
-        copyreg.dispatch_table.update(saved)
     assert [s.name for s in exporter.get_finished_spans()] == ["once"]
 
 
@@ -433,13 +439,9 @@ def test_spans_arrive_when_the_exception_cannot_be_rebuilt(
         worker_exporter: InMemorySpanExporter) -> None:
     """I6: spans go first: an exception that fails to unpickle still delivered them, once."""
     exc = NeedsTwo("a", "b")
-    tblib = copyreg.dispatch_table.pop(NeedsTwo, None)  # `import distributed` may add it
-    try:
+    with own_reduction(NeedsTwo):
         _relay.stash(exc, _relay.here(), [encoded(worker_tracer, worker_exporter, "before")])
         blob = pickle.dumps(exc)
-    finally:
-        if tblib is not None:
-            copyreg.dispatch_table[NeedsTwo] = tblib
     with pytest.raises(TypeError):
         pickle.loads(blob)
     assert [s.name for s in exporter.get_finished_spans()] == ["before"]
@@ -481,7 +483,6 @@ def test_relayed_spans_go_through_on_start_and_on_end_once(
     What the worker recorded wins over what a processor stamps at start here.
     """
     stamper = StartStamper()
-    trace.get_tracer_provider().add_span_processor(stamper)  # type: ignore[attr-defined]
     collecting = TracerProvider(shutdown_on_exit=False)
     collecting.add_span_processor(SimpleSpanProcessor(worker_exporter))
     collecting.add_span_processor(_relay._COLLECTOR)
@@ -493,13 +494,8 @@ def test_relayed_spans_go_through_on_start_and_on_end_once(
                                       attributes={"process.pid": 4242}):
         pass
     spans = batch.close()
-    try:
+    with with_processor(stamper):
         pickle.loads(pickle.dumps(_relay.reply(_relay.here(), spans, None)))
-    finally:
-        stamper.shutdown()
-        trace.get_tracer_provider()._active_span_processor._span_processors = tuple(  # type: ignore[attr-defined]
-            p for p in trace.get_tracer_provider()._active_span_processor._span_processors  # type: ignore[attr-defined]
-            if p is not stamper)
     assert stamper.started == [("worker", PARENT, {"tenant": "acme"})]
     assert stamper.ended == ["worker"]
     [span] = exporter.get_finished_spans()
