@@ -45,15 +45,16 @@ class Options(NamedTuple):
     link: bool = False
     relay: bool = True
     main_by_value: bool = False  # the workers' __main__ is not ours (Dask, loky): cloudpickle it
+    subinterpreters: bool = False  # they find __main__ only if it is a file (see _wire.Lazy)
 
     @classmethod
     def checked(cls, task_spans: bool = False, link: bool = False, relay: bool = True,
-                main_by_value: bool = False) -> Options:
+                main_by_value: bool = False, subinterpreters: bool = False) -> Options:
         """The options a constructor was given, checked there: bools only; link needs a span."""
         for name, value in (("task_spans", task_spans), ("link", link), ("relay", relay)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, not {value!r}")
-        options = cls(task_spans or link, link, relay, main_by_value)
+        options = cls(task_spans or link, link, relay, main_by_value, subinterpreters)
         return PLAIN if options == PLAIN else options
 
 
@@ -116,8 +117,9 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
                   options: Options = PLAIN) -> Call:
     """``fn(*args, **kwargs)`` with a detached context, as a submit call.
 
-    For the stdlib's process pool (``main_by_value`` false) the call is handed over as it
-    is, to be pickled when the pool sends it (`_wire.Lazy`); for any other executor it is
+    For the stdlib's process and interpreter pools (``main_by_value`` false) the call is
+    handed over as it is, to be pickled when the pool sends it (`_wire.Lazy`); for any
+    other executor it is
     pickled here, and what cannot cross raises `TaskSerializationError` right away. A
     registered ContextVar whose value cannot cross raises `ContextSerializationError` here
     in both cases.
@@ -133,7 +135,8 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         return run_detached, (_wire.dumps(envelope, values),), {}
     if values:
         _wire.check_values(values)
-    return run_detached, (_wire.Lazy(envelope),), {}
+    main = not options.subinterpreters or _wire.main_is_a_file()
+    return run_detached, (_wire.Lazy(envelope, main),), {}
 
 
 def in_snapshot(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -296,8 +299,12 @@ def in_process_threads(executor: cf.Executor) -> bool:
     3.14's ``InterpreterPoolExecutor`` is a ``ThreadPoolExecutor`` whose threads run each
     task in a subinterpreter: the task is pickled there, so it needs a detached context.
     """
-    interpreters = getattr(cf, "InterpreterPoolExecutor", ())
-    return isinstance(executor, cf.ThreadPoolExecutor) and not isinstance(executor, interpreters)
+    return (isinstance(executor, cf.ThreadPoolExecutor)
+            and not isinstance(executor, _INTERPRETER_POOLS))
+
+
+_INTERPRETER_POOLS: tuple[type, ...] = tuple(
+    [cf.InterpreterPoolExecutor] if hasattr(cf, "InterpreterPoolExecutor") else [])
 
 
 def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool = False,
@@ -313,8 +320,10 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
     An ``InterpreterPoolExecutor`` (3.14+) runs each task in a subinterpreter: it gets
     a detached context, as processes do, and its spans come home through the relay.
 
-    Functions defined in ``__main__`` are pickled by value for executors other than the
-    stdlib's process pool, whose workers do not import the submitter's ``__main__``.
+    The stdlib's process and interpreter pools pickle each task when they send it, as
+    without propagate. For any other executor, whose workers do not import the
+    submitter's ``__main__``, the task is pickled at ``submit``, with functions defined in
+    ``__main__`` by value.
 
     An executor of propagate's own (a pool, or one wrapped already) binds its tasks
     itself and is returned as it is, so nothing is bound twice; asking it for other
@@ -322,8 +331,10 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
     """
     if not isinstance(executor, cf.Executor):
         raise TypeError(f"wrap_executor() takes a concurrent.futures.Executor, not {executor!r}")
-    stdlib_processes = isinstance(executor, cf.ProcessPoolExecutor)
-    options = Options.checked(task_spans, link, relay, main_by_value=not stdlib_processes)
+    interpreters = isinstance(executor, _INTERPRETER_POOLS)
+    stdlib_pickles = interpreters or isinstance(executor, cf.ProcessPoolExecutor)
+    options = Options.checked(task_spans, link, relay, main_by_value=not stdlib_pickles,
+                              subinterpreters=interpreters)
     if isinstance(executor, Binding):  # binds already: wrapping again would bind twice
         return _already_binding(executor, options)
     return WrappedExecutor(executor, options)

@@ -6,7 +6,6 @@ import concurrent.futures as cf
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._errors import TaskSerializationError
 from ._executor import Binding, Options, bind_detached, submit_from_empty_context
 
 if TYPE_CHECKING:
@@ -25,11 +24,13 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
     children), the baggage, and the values of ContextVars registered with
     `propagate.register`. Changes made in the task never flow back.
 
-    Unlike the stdlib's pool, lambdas, closures and functions defined in ``__main__`` can
-    be sent (by value, with cloudpickle). What cannot be sent at all fails on the task's
-    future, as with the stdlib's pool, with a `TaskSerializationError` naming the function;
-    a registered ContextVar whose value cannot cross fails at ``submit`` with
-    `ContextSerializationError`.
+    Tasks are pickled as the stdlib's pool pickles them, when it sends them: functions in
+    ``__main__`` by reference when ``__main__`` is a file, as there, and by value under
+    ``python -c`` or in a REPL, where the stdlib's pool cannot send them. Unlike the
+    stdlib's pool, lambdas, closures and local functions can be sent too (by value, with
+    cloudpickle). What cannot be sent at all fails on the task's future, as with the
+    stdlib's pool; a registered ContextVar whose value cannot cross fails at ``submit``
+    with `ContextSerializationError`.
 
     A subinterpreter imports modules through the path this interpreter started with:
     a directory added to ``sys.path`` at run time is not there, as with the stdlib's pool.
@@ -52,14 +53,8 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
         relay: bool = True,
     ) -> None:
         super().__init__(max_workers, thread_name_prefix, initializer, initargs)
-        # A subinterpreter has a __main__ of its own: send the caller's by value.
-        self._propagate = Options.checked(task_spans, link, relay, main_by_value=True)
+        self._propagate = Options.checked(task_spans, link, relay, subinterpreters=True)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
-        try:
-            call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
-        except TaskSerializationError as exc:  # the stdlib reports it on the future: so do we
-            future: cf.Future[T] = cf.Future()
-            future.set_exception(exc)
-            return future
+        call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
         return submit_from_empty_context(super().submit, call, *call_args)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
+import reprlib
 import sys
 import threading
 from collections import ChainMap
@@ -70,20 +71,32 @@ def opened(task: object) -> tuple[Any, ...]:
 
 
 class Lazy:
-    """A task's envelope, pickled only when the pool's feeder thread sends it.
+    """A task's envelope, pickled only when the pool sends it.
 
     Reduces to the envelope itself when multiprocessing's pickler can send it (checked
     with `_sendable`, which writes nothing anywhere), so the outer pickler sends the
     arguments as the stdlib would; otherwise to a cloudpickle blob of the envelope.
+
+    ``main`` says whether the workers find the submitter's ``__main__`` by name: a process
+    pool's do (forked, or re-running the main script); a subinterpreter's only when
+    ``__main__`` is a file it can run, not under ``python -c`` or in a REPL. Where they do
+    not, a task naming ``__main__`` goes by cloudpickle, by value.
     """
 
-    __slots__ = ("envelope",)
+    __slots__ = ("envelope", "main")
 
-    def __init__(self, envelope: tuple[Any, ...]) -> None:
-        self.envelope = envelope
+    def __init__(self, envelope: tuple[Any, ...], main: bool = True) -> None:
+        self.envelope, self.main = envelope, main
+
+    def __repr__(self) -> str:  # what a pool's error names when the task cannot be sent
+        _, _, fn, args, kwargs = self.envelope[:5]
+        shown = [_short.repr(a) for a in args]
+        shown += [f"{key}={_short.repr(value)}" for key, value in kwargs.items()]
+        return f"<propagate task {describe(fn)}({', '.join(shown)})>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        if _plainly_sendable(self.envelope) or _sendable(self.envelope) is None:
+        if _plainly_sendable(self.envelope, self.main) or _sendable(
+                self.envelope, self.main) is None:
             return tuple, (self.envelope,)
         try:
             blob = _cloudpickle(self.envelope[2:])
@@ -92,11 +105,20 @@ class Lazy:
         return _envelope_of, (self.envelope[:2], blob)
 
 
+_short = reprlib.Repr()
+_short.maxother = _short.maxstring = 80
+
+
+def main_is_a_file() -> bool:
+    """Whether another interpreter can find ``__main__`` by running its file."""
+    return getattr(sys.modules.get("__main__"), "__file__", None) is not None
+
+
 def _envelope_of(versions: tuple[Any, ...], blob: bytes) -> tuple[Any, ...]:
     return (*versions, blob)
 
 
-def _plainly_sendable(envelope: tuple[Any, ...]) -> bool:
+def _plainly_sendable(envelope: tuple[Any, ...], main: bool = True) -> bool:
     """True when any pickler surely sends ``envelope``: a shortcut past the trial.
 
     The fields propagate made are plain by construction (ints, strings, tuples of them);
@@ -105,11 +127,12 @@ def _plainly_sendable(envelope: tuple[Any, ...]) -> bool:
     checks before it sends a function by name. Anything else (say False) goes to the trial.
     """
     _, _, fn, args, kwargs, _, _, values, _, _ = envelope
-    if type(fn) is not FunctionType or not _found_by_name(fn):
+    if type(fn) is not FunctionType or not _found_by_name(fn) or (
+            not main and fn.__module__ == "__main__"):
         return False
     if not (args or kwargs or values):
         return True
-    budget = [64]
+    budget = [64 if main else 0]  # without main, only atoms: no function can pass
     return _plain(args, budget) and _plain(kwargs, budget) and _plain(values, budget)
 
 
@@ -145,6 +168,20 @@ class _Discard:
 _DISCARD = _Discard()
 
 
+class _MainWatch:
+    """Discards what is written, noting whether it names ``__main__``."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def write(self, data: Any) -> int:
+        if not self.seen and b"__main__" in data:
+            self.seen = True
+        return len(data)
+
+
 class _Trial(pickle.Pickler):
     """multiprocessing's pickler, minus what a trial must not do: reducers with effects.
 
@@ -171,8 +208,11 @@ def sendable(obj: object) -> BaseException | None:
     return None if type(obj) in _ATOMS else _sendable(obj)
 
 
-def _sendable(obj: object) -> BaseException | None:
-    """None if multiprocessing's pickler can send ``obj``, else what it raises."""
+def _sendable(obj: object, main: bool = True) -> BaseException | None:
+    """None if multiprocessing's pickler can send ``obj``, else what it raises.
+
+    Without ``main``, naming ``__main__`` counts as unsendable (a `PicklingError`).
+    """
     extra = _private.forking_reducers()
     table = _trial_tables.get(len(extra))
     if table is None:
@@ -181,7 +221,8 @@ def _sendable(obj: object) -> BaseException | None:
                          copyreg.dispatch_table)
         _trial_tables.clear()
         _trial_tables[len(extra)] = table
-    pickler = _Trial(_DISCARD, PROTOCOL)
+    sink = _DISCARD if main else _MainWatch()
+    pickler = _Trial(sink, PROTOCOL)
     pickler.dispatch_table = table
     _trying.active = True
     try:
@@ -190,6 +231,8 @@ def _sendable(obj: object) -> BaseException | None:
         return exc
     finally:
         _trying.active = False
+    if isinstance(sink, _MainWatch) and sink.seen:
+        return pickle.PicklingError("names __main__, which the receiver cannot run")
     return None
 
 

@@ -38,6 +38,16 @@ def pool() -> Iterator[cf.Executor]:
         yield executor
 
 
+def causes(error: BaseException) -> str:
+    """The messages of ``error`` and of every exception it was raised from, or during."""
+    found: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None and len(found) < 10:
+        found.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(found)
+
+
 def in_request(tracer: trace.Tracer, fn: Any) -> tuple[Any, trace.Span]:
     """``fn()`` inside a request span with baggage and a registered variable set."""
     with tracer.start_as_current_span("request") as request, with_baggage(tenant="acme"):
@@ -100,12 +110,39 @@ def test_main_functions_cross() -> None:
     assert out.stdout.strip() == "(3, 'from-main')", out.stderr
 
 
-def test_what_cannot_be_sent_fails_on_the_future(pool: cf.Executor) -> None:
-    """I7: as with the stdlib's pool, an argument that cannot cross fails the task, by name."""
-    future = pool.submit(pt.square, threading.Lock())
-    with pytest.raises(propagate.TaskSerializationError, match=r"square.*_thread.lock"):
-        future.result(timeout=WAIT)
+def test_what_cannot_be_sent_fails_on_the_future_as_the_stdlibs(pool: cf.Executor) -> None:
+    """I7: an argument that cannot cross fails the task as with the stdlib's pool: on the
+    future, the same exception type, caused by the pickler's own error."""
+    with cf.InterpreterPoolExecutor(1) as stdlib:  # type: ignore[attr-defined]
+        expected = stdlib.submit(pt.square, threading.Lock()).exception(timeout=WAIT)
+    error = pool.submit(pt.square, threading.Lock()).exception(timeout=WAIT)
+    assert expected is not None and error is not None
+    assert type(error) is type(expected)
+    assert "_thread.lock" in causes(error) and "_thread.lock" in causes(expected)
     assert pool.submit(pt.square, 2).result(timeout=WAIT) == 4  # the pool is fine
+
+
+def test_main_functions_of_a_script_as_the_stdlibs(tmp_path: Any) -> None:
+    """A script's ``__main__`` functions cross by name, as with the stdlib's pool, so they
+    see the same ``__main__`` an initializer sets globals in."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import sys, concurrent.futures as cf, propagate
+        STATUS = "uninitialized"
+        def init(x):
+            global STATUS
+            STATUS = x
+        def status():
+            return STATUS, sys.modules["__main__"].__dict__.get("STATUS"), __name__
+        if __name__ == "__main__":
+            for cls in (cf.InterpreterPoolExecutor, propagate.InterpreterPoolExecutor):
+                with cls(1, initializer=init, initargs=("initialized",)) as pool:
+                    print(pool.submit(status).result(timeout=60), STATUS)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=WAIT, check=True)
+    stdlib, ours = out.stdout.strip().splitlines()
+    assert ours == stdlib, out.stderr
 
 
 def test_unpicklable_registered_value_fails_at_submit(pool: cf.Executor) -> None:

@@ -666,10 +666,11 @@ def test_exception_object_raised_by_several_tasks_sends_each_span_once(
     returned = pool.submit(pt.return_cached, "four").result(timeout=TIMEOUT)
     assert isinstance(returned, pt.TaskError)
     with pytest.raises(pt.TaskError):
-        list(pool.map(pt.raise_cached, ["five", "six"]))
-    pool.submit(pt.pid).result(timeout=TIMEOUT)  # one worker, in order: "six" is home too
+        list(pool.map(pt.raise_cached, ["five", "six"]))  # "six" is cancelled if not yet sent
+    pool.submit(pt.pid).result(timeout=TIMEOUT)  # one worker, in order: "six" is home if it ran
     names = sorted(s.name for s in relayed(exporter))
-    assert names == sorted(["one", "two", "three", "four", "five", "six"]), names
+    ran = ["five", "four", "one", "three", "two"]
+    assert names in (ran, sorted([*ran, "six"])), names
     assert_unique(exporter)
 
 
