@@ -87,3 +87,20 @@ def test_envelope_from_another_release_is_refused_naming_both() -> None:
         _wire.opened((_wire.WIRE + 1, "9.9.9", b""))
     with pytest.raises(RuntimeError, match=r"older propagate \(0\.1, wire format 1\)"):
         _wire.opened(b"a blob from 0.1")
+
+
+def test_tracers_and_meters_pickle_by_reference() -> None:
+    """A tracer or meter sent by value resolves, on the other side, to that side's own
+    provider's, with the same instrumentation scope."""
+    from opentelemetry import metrics, trace
+
+    tracer = trace.get_tracer("tests.wire", "1.0", schema_url="https://example.com/s")
+    meter = metrics.get_meter("tests.wire.meter", "2.0")
+    back_tracer, back_meter = pickle.loads(_wire._cloudpickle((tracer, meter)))
+    with back_tracer.start_as_current_span("sent") as span:  # the session's SDK tracer
+        scope = span.instrumentation_scope  # type: ignore[attr-defined]
+    assert (scope.name, scope.version, scope.schema_url) == (
+        "tests.wire", "1.0", "https://example.com/s")
+    assert (back_meter.name, back_meter.version) == ("tests.wire.meter", "2.0")
+    with pytest.raises(TypeError):  # not by reference, a tracer cannot be pickled at all
+        pickle.dumps(tracer)
