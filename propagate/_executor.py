@@ -136,6 +136,8 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     if values:
         _wire.check_values(values)
     main = not options.subinterpreters or _wire.main_is_a_file()
+    if _wire.plainly_sendable(envelope, main):  # the pool's pickler surely sends it as it is
+        return run_detached, (envelope,), {}
     return run_detached, (_wire.Lazy(envelope, main),), {}
 
 

@@ -95,7 +95,7 @@ class Lazy:
         return f"<propagate task {describe(fn)}({', '.join(shown)})>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        if _plainly_sendable(self.envelope, self.main) or _sendable(
+        if plainly_sendable(self.envelope, self.main) or _sendable(
                 self.envelope, self.main) is None:
             return tuple, (self.envelope,)
         try:
@@ -118,7 +118,7 @@ def _envelope_of(versions: tuple[Any, ...], blob: bytes) -> tuple[Any, ...]:
     return (*versions, blob)
 
 
-def _plainly_sendable(envelope: tuple[Any, ...], main: bool = True) -> bool:
+def plainly_sendable(envelope: tuple[Any, ...], main: bool = True) -> bool:
     """True when any pickler surely sends ``envelope``: a shortcut past the trial.
 
     The fields propagate made are plain by construction (ints, strings, tuples of them);

@@ -43,7 +43,7 @@ def local_function() -> Callable[[], None]:
         "lock", "object", "many-containers"])
 def test_plainly_sendable_is_a_shortcut_never_a_guess(task: tuple[Any, ...], plain: bool) -> None:
     """The shortcut past the trial says yes only where every pickler surely succeeds."""
-    assert _wire._plainly_sendable(task) is plain
+    assert _wire.plainly_sendable(task) is plain
     if plain:
         pickle.loads(ForkingPickler.dumps(task))
 
