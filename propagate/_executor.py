@@ -119,10 +119,9 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
 
     For the stdlib's process and interpreter pools (``main_by_value`` false) the call is
     handed over as it is, to be pickled when the pool sends it (`_wire.Lazy`); for any
-    other executor it is
-    pickled here, and what cannot cross raises `TaskSerializationError` right away. A
-    registered ContextVar whose value cannot cross raises `ContextSerializationError` here
-    in both cases.
+    other executor it is pickled here, and what cannot cross raises
+    `TaskSerializationError` right away. A registered ContextVar whose value cannot cross
+    raises `ContextSerializationError` here in both cases.
     """
     identity, baggage, values = _context.capture_fields()
     # The last field: whether the stdlib's pool sends the result, with multiprocessing's
