@@ -76,8 +76,10 @@ class _Collector(SpanProcessor):
                 _baggage_at_start[span.context.span_id] = dict(found)
 
     def on_end(self, span: ReadableSpan) -> None:
-        with _lock:
-            started = _baggage_at_start.pop(span.context.span_id, None)
+        started = None
+        if _baggage_at_start:  # mostly empty: no baggage, no second lock
+            with _lock:
+                started = _baggage_at_start.pop(span.context.span_id, None)
         encoded = _encode(span, started)
         batch = _batch.get()
         with _lock:

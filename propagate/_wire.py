@@ -95,8 +95,7 @@ class Lazy:
         return f"<propagate task {describe(fn)}({', '.join(shown)})>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        if plainly_sendable(self.envelope, self.main) or _sendable(
-                self.envelope, self.main) is None:
+        if _sendable(self.envelope, self.main) is None:  # made only for what is not plain
             return tuple, (self.envelope,)
         try:
             blob = _cloudpickle(self.envelope[2:])
@@ -127,16 +126,16 @@ def plainly_sendable(envelope: tuple[Any, ...], main: bool = True) -> bool:
     checks before it sends a function by name. Anything else (say False) goes to the trial.
     """
     _, _, fn, args, kwargs, _, _, values, _, _ = envelope
-    if type(fn) is not FunctionType or not _found_by_name(fn) or (
-            not main and fn.__module__ == "__main__"):
+    if type(fn) is not FunctionType or not _by_name(fn, main):
         return False
     if not (args or kwargs or values):
         return True
-    budget = [64 if main else 0]  # without main, only atoms: no function can pass
-    return _plain(args, budget) and _plain(kwargs, budget) and _plain(values, budget)
+    budget = [64]
+    return (_plain(args, budget, main) and _plain(kwargs, budget, main)
+            and _plain(values, budget, main))
 
 
-def _plain(obj: object, budget: list[int]) -> bool:
+def _plain(obj: object, budget: list[int], main: bool) -> bool:
     kind = type(obj)
     if kind in _ATOMS:
         return True
@@ -144,14 +143,17 @@ def _plain(obj: object, budget: list[int]) -> bool:
     if budget[0] < 0:
         return False
     if kind is tuple or kind is list:
-        return all(_plain(item, budget) for item in obj)  # type: ignore[attr-defined]
+        return all(_plain(item, budget, main) for item in obj)  # type: ignore[attr-defined]
     if kind is dict:
-        return all(type(key) is str and _plain(value, budget)
+        return all(type(key) is str and _plain(value, budget, main)
                    for key, value in obj.items())  # type: ignore[attr-defined]
-    return kind is FunctionType and _found_by_name(obj)  # type: ignore[arg-type]
+    return kind is FunctionType and _by_name(obj, main)  # type: ignore[arg-type]
 
 
-def _found_by_name(fn: FunctionType) -> bool:
+def _by_name(fn: FunctionType, main: bool) -> bool:
+    """Whether pickle finds ``fn`` by its name, in a module the receiver can import."""
+    if not main and fn.__module__ == "__main__":
+        return False
     found: object = sys.modules.get(fn.__module__)
     for part in fn.__qualname__.split("."):
         found = getattr(found, part, None)

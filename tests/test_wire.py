@@ -6,6 +6,7 @@ Unit level: the process pool tests (test_process.py) send tasks through real wor
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
@@ -104,3 +105,20 @@ def test_tracers_and_meters_pickle_by_reference() -> None:
     assert (back_meter.name, back_meter.version) == ("tests.wire.meter", "2.0")
     with pytest.raises(TypeError):  # not by reference, a tracer cannot be pickled at all
         pickle.dumps(tracer)
+
+
+def test_plainly_sendable_without_main_refuses_only_main() -> None:
+    """For a receiver that cannot run ``__main__`` (a subinterpreter under ``python -c``):
+    plain data and module functions still pass; a ``__main__`` function, anywhere, does not."""
+    def from_main() -> None:
+        return None
+
+    from_main.__module__, from_main.__qualname__ = "__main__", "from_main"
+    sys.modules["__main__"].from_main = from_main  # type: ignore[attr-defined]
+    try:
+        assert _wire.plainly_sendable(envelope(pt.square, 3, [1, "a"]), main=False)
+        assert _wire.plainly_sendable(envelope(from_main), main=True)
+        assert not _wire.plainly_sendable(envelope(from_main), main=False)
+        assert not _wire.plainly_sendable(envelope(pt.square, (from_main,)), main=False)
+    finally:
+        del sys.modules["__main__"].from_main  # type: ignore[attr-defined]
