@@ -51,6 +51,26 @@ def through(pool: cf.Executor, fn: Callable[[], Any] = noop) -> Timed:
     return run
 
 
+def fresh(make: Callable[[], cf.Executor], fn: Callable[[], Any] = noop) -> Timed:
+    """Each round in a pool of its own, made and warmed outside the timing.
+
+    A pool's threads and processes land where the scheduler puts them, and stay there:
+    on a machine with few CPUs one pool's placement would bias a whole run, by more than
+    two pools of the stdlib's own differ from each other.
+    """
+    def run(n: int) -> float:
+        with make() as pool:
+            warm = [pool.submit(fn) for _ in range(4 * WORKERS)]  # start every worker
+            for f in warm:
+                f.result()
+            return through(pool, fn)(n)
+
+    return run
+
+
+WORKERS = 2  # per pool, in the process and interpreter rows
+
+
 @contextmanager
 def pools(*made: cf.Executor) -> Iterator[None]:
     try:
@@ -94,12 +114,13 @@ def _instrumented(instrumentor: Any, pool: cf.Executor) -> Timed:
 
 
 def bench_processes(rounds: int, n: int) -> dict[str, dict[str, float]]:
-    std, relay = cf.ProcessPoolExecutor(2), propagate.ProcessPoolExecutor(2)
-    plain = propagate.ProcessPoolExecutor(2, relay=False)
-    with pools(std, relay, plain), tracer.start_as_current_span("bench"):
+    std = fresh(lambda: cf.ProcessPoolExecutor(WORKERS))
+    relay = fresh(lambda: propagate.ProcessPoolExecutor(WORKERS))
+    plain = fresh(lambda: propagate.ProcessPoolExecutor(WORKERS, relay=False))
+    with tracer.start_as_current_span("bench"):
         return {
-            "processes, relay on": paired(through(std), through(relay), rounds, n),
-            "processes, relay off": paired(through(std), through(plain), rounds, n),
+            "processes, relay on": paired(std, relay, rounds, n),
+            "processes, relay off": paired(std, plain, rounds, n),
         }
 
 
@@ -107,10 +128,10 @@ def bench_interpreters(rounds: int, n: int) -> dict[str, dict[str, float]]:
     """Subinterpreter pools (3.14+); the task is a builtin, which both pools send by reference."""
     if sys.version_info < (3, 14):
         return {}
-    std, ours = cf.InterpreterPoolExecutor(2), propagate.InterpreterPoolExecutor(2)
-    with pools(std, ours), tracer.start_as_current_span("bench"):
-        return {"interpreters, relay on": paired(through(std, os.getpid),
-                                                 through(ours, os.getpid), rounds, n)}
+    std = fresh(lambda: cf.InterpreterPoolExecutor(WORKERS), os.getpid)
+    ours = fresh(lambda: propagate.InterpreterPoolExecutor(WORKERS), os.getpid)
+    with tracer.start_as_current_span("bench"):
+        return {"interpreters, relay on": paired(std, ours, rounds, n)}
 
 
 def bench_to_thread(rounds: int, n: int) -> dict[str, dict[str, float]]:
