@@ -162,11 +162,14 @@ def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict
         value = var.get(_UNSET)
         if value is not _UNSET:
             values[name] = value
-    _switch.point("capture")
-    identity, baggage = _otel.current_fields()
-    for key, value in baggage.items():
+    if _switch.hook is not None:
+        _switch.point("capture")
+    identity, baggage = _otel.current_fields()  # shared with other captures: not changed
+    for value in baggage.values():
         if type(value) is not str:
-            baggage[key] = _as_string(key, value)
+            baggage = {key: value if type(value) is str else _as_string(key, value)
+                       for key, value in baggage.items()}
+            break
     return identity, baggage, values
 
 
@@ -193,19 +196,22 @@ def enter(identity: _otel.SpanIdentity | None, baggage: Mapping[str, object],
     """Make a detached context current on this thread; `leave` undoes it, on this thread."""
     token = _otel.attach(_otel.build(identity, baggage))
     resets = []
-    try:
-        for name, value in values.items():
-            var = lookup(name)
-            resets.append((var, var.set(value)))
-    except BaseException:
-        leave((token, resets))
-        raise
-    _switch.point("attach")
+    if values:
+        try:
+            for name, value in values.items():
+                var = lookup(name)
+                resets.append((var, var.set(value)))
+        except BaseException:
+            leave((token, resets))
+            raise
+    if _switch.hook is not None:
+        _switch.point("attach")
     return token, resets
 
 
 def leave(state: _State) -> None:
-    _switch.point("detach")
+    if _switch.hook is not None:
+        _switch.point("detach")
     token, resets = state
     for var, var_token in reversed(resets):
         var.reset(var_token)

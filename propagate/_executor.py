@@ -136,7 +136,11 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         _wire.check_values(values)
     main = not options.subinterpreters or _wire.main_is_a_file()
     if _wire.plainly_sendable(envelope, main):  # the pool's pickler surely sends it as it is
-        return run_detached, (envelope,), {}
+        if not options.subinterpreters:
+            return run_detached, (envelope,), {}
+        sealed = _wire.sealed(envelope)  # a small blob: what a subinterpreter takes cheapest
+        if sealed is not None:
+            return run_detached, (sealed,), {}
     return run_detached, (_wire.Lazy(envelope, main),), {}
 
 
@@ -175,16 +179,17 @@ def _relay_module() -> Any:
 def _relay_origin() -> tuple[int, str] | None:
     if "opentelemetry.sdk.trace" not in sys.modules:  # no SDK, so no provider to relay to
         return None
-    relay = _relay_module()
-    return relay.here() if relay and relay.enabled() else None
+    relay = _relay if _relay is not None else _relay_module()
+    return relay.origin() if relay else None
 
 
 def run_detached(envelope: tuple[Any, ...]) -> Any:
     """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
     fn, args, kwargs, identity, baggage, values, task, origin = _wire.opened(envelope)
-    chunk = _private.map_chunk(fn)
-    if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
-        fn = _private.rechunk(chunk[0], _isolated)
+    if type(fn) is functools.partial:
+        chunk = _private.map_chunk(fn)
+        if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
+            fn = _private.rechunk(chunk[0], _isolated)
     if _switch.hook is not None:
         fn, args = _switch.around, (fn, *args)
     return contextvars.copy_context().run(
@@ -199,15 +204,15 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
                   identity: _otel.SpanIdentity | None, baggage: dict[str, object],
                   values: dict[str, object], task: tuple[Any, ...],
                   origin: tuple[int, str] | None) -> Any:
-    relay: Any = _relay_module() if origin is not None else None
-    batch: Any = None
-    if relay and origin != relay.here():  # another process: bring its spans home
-        relay.install()
-        batch = relay.Batch(origin)
+    relay: Any = None if origin is None else _relay if _relay is not None else _relay_module()
+    batch = relay.open_batch(origin) if relay else None  # None where the task was sent from
     state = _context.enter(identity, baggage, values)
     unsendable = None
     try:
-        result = settled(_run_task, task, fn, args, kwargs)
+        if task[0] is None:  # no task span: one frame less
+            result = settled(fn, *args, **kwargs)
+        else:
+            result = settled(_run_task, task, fn, args, kwargs)
     except BaseException as exc:
         if batch is None:
             raise
@@ -221,10 +226,11 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     if batch is None:
         return result
     spans = batch.close()
-    if spans:
-        unsendable = _carry_home(relay, origin, spans, result, task[3])
-        if unsendable is not None:
-            raise unsendable
+    if not spans:
+        return result
+    unsendable = _carry_home(relay, origin, spans, result, task[3])
+    if unsendable is not None:
+        raise unsendable
     return relay.reply(origin, spans, result)
 
 
@@ -249,9 +255,10 @@ def _carry_home(relay: Any, origin: tuple[int, str] | None, spans: list[Any], ou
 
 def _run_task(task: tuple[Any, ...], fn: Callable[..., T], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> T:
-    span_name, submitted_ns, link = task[:3]
+    span_name = task[0]
     if span_name is None:
         return fn(*args, **kwargs)
+    submitted_ns, link = task[1], task[2]
     attributes = {
         "thread.id": threading.get_native_id(),
         "thread.name": threading.current_thread().name,

@@ -24,8 +24,10 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
     children), the baggage, and the values of ContextVars registered with
     `propagate.register`. Changes made in the task never flow back.
 
-    Tasks are pickled as the stdlib's pool pickles them, when it sends them: functions in
-    ``__main__`` by reference when ``__main__`` is a file, as there, and by value under
+    Tasks are pickled with plain pickle, as the stdlib's pool pickles them: a small task
+    of plain data (up to 64 KiB pickled) at ``submit``, so later changes to its
+    arguments do not reach it (as with a process pool), and any other when the pool
+    sends it. Functions in ``__main__`` go by reference when ``__main__`` is a file, as there, and by value under
     ``python -c`` or in a REPL, where the stdlib's pool cannot send them. Unlike the
     stdlib's pool, lambdas, closures and local functions can be sent too (by value, with
     cloudpickle). What cannot be sent at all fails on the task's future, as with the

@@ -7,9 +7,11 @@ OpenTelemetry object.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,9 +47,24 @@ def current_identity(ctx: otel_context.Context | None = None) -> SpanIdentity | 
 
 
 def current_fields() -> tuple[SpanIdentity | None, dict[str, object]]:
-    """The current span's identity and the baggage, read from one current context."""
+    """The current span's identity and the baggage, read from one current context.
+
+    Tasks of one request read the same (immutable) Context: the fields read from the
+    last one are kept, with a weak reference to it, and given again, as the same
+    objects. Callers must not change them.
+    """
+    global _fields_of
     ctx = otel_context.get_current()
-    return current_identity(ctx), dict(otel_baggage.get_all(ctx))
+    ref, identity, baggage = _fields_of
+    if ref is not None and ref() is ctx:
+        return identity, baggage
+    identity, baggage = current_identity(ctx), dict(otel_baggage.get_all(ctx))
+    with contextlib.suppress(TypeError):  # a runtime whose Contexts take no weak references
+        _fields_of = (weakref.ref(ctx), identity, baggage)
+    return identity, baggage
+
+
+_fields_of: tuple[Any, SpanIdentity | None, dict[str, object]] = (None, None, {})
 
 
 def span_context(identity: SpanIdentity) -> SpanContext:
@@ -83,12 +100,9 @@ def _build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel
     return ctx
 
 
-def attach(ctx: otel_context.Context) -> Token:
-    return otel_context.attach(ctx)
-
-
-def detach(token: Token) -> None:
-    otel_context.detach(token)  # type: ignore[arg-type]
+# The API's own functions, not wrappers: a worker runs them once per task, on a cold cache.
+attach: Callable[[otel_context.Context], Token] = otel_context.attach
+detach: Callable[[Token], None] = otel_context.detach  # type: ignore[assignment]
 
 
 def inject(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> dict[str, str]:

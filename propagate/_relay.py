@@ -50,18 +50,41 @@ log = logging.getLogger("propagate")
 Origin = tuple[int, str]
 Source = tuple[str, int]
 _TOKEN = secrets.token_hex(8)  # inherited by a forked child, whose pid then differs
+_pid = os.getpid()  # os.getpid() is a system call; tasks ask for it twice each
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 _installed_in: int | None = None
 _install_lock = threading.Lock()
 
 
 def here() -> Origin:
     """This process's identity, as a task's origin."""
-    return (os.getpid(), _TOKEN)
+    return (_pid, _TOKEN)
 
 
 def enabled() -> bool:
-    """Whether the global tracer provider is the SDK's, so relayed spans have somewhere to go."""
-    return isinstance(trace.get_tracer_provider(), TracerProvider)
+    """Whether the global tracer provider is the SDK's, so relayed spans have somewhere to go.
+
+    OpenTelemetry sets its global provider once: once it is the SDK's, it stays.
+    """
+    global _sdk_provider
+    if not _sdk_provider:
+        _sdk_provider = isinstance(trace.get_tracer_provider(), TracerProvider)
+    return _sdk_provider
+
+
+_sdk_provider = False
+
+
+def origin() -> Origin | None:
+    """Where tasks submitted here should send their spans: here, if the relay has a provider."""
+    return (_pid, _TOKEN) if enabled() else None
 
 
 class _Collector(SpanProcessor):
@@ -122,8 +145,7 @@ class Batch:
 
     def close(self) -> list[tuple[Any, ...]]:
         """The spans, and this origin's strays; spans ended later wait for its next task."""
-        _batch.set(None)
-        with _lock:
+        with _lock:  # from now on the collector sends this task's spans to the strays
             spans, self.spans = self.spans or [], None
             strays = _strays.pop(self.origin, None) if _strays else None
         if strays:
@@ -173,6 +195,15 @@ def _install(provider: object) -> None:
         provider = TracerProvider(shutdown_on_exit=False)
         provider.add_span_processor(_COLLECTOR)
         trace.set_tracer_provider(provider)
+
+
+def open_batch(origin: Origin) -> Batch | None:
+    """The batch a task sent from ``origin`` records into; None if it was sent from here."""
+    if origin[0] == _pid and origin[1] == _TOKEN:  # not another process or interpreter
+        return None
+    if _installed_in != _pid:
+        install()
+    return Batch(origin)
 
 
 def reply(origin: Origin, spans: list[tuple[Any, ...]], result: Any) -> Any:

@@ -5,7 +5,7 @@ baggage, values, task, origin)``. Its first two fields never move, so a worker o
 release of propagate refuses the task with both versions named (`opened`), instead of
 failing somewhere inside an unpickler.
 
-Two ways to send it:
+Three ways to send it:
 
 * To the stdlib's process pool, lazily: `Lazy` is handed to ``submit`` untouched and
   pickled by the pool's feeder thread, with multiprocessing's own pickler, when the task
@@ -14,13 +14,18 @@ Two ways to send it:
   of a pending task, and what cannot be pickled fails on the task's future, as with the
   stdlib. Only when that pickler cannot send the task at all (lambdas, closures, local
   functions, registered ContextVars, tracers) does it fall back to cloudpickle.
-* Everywhere else (Dask, loky, subinterpreters: executors whose workers do not run our
-  ``__main__``), eagerly, at ``submit``: cloudpickle's blob, so a task that cannot cross
-  fails there with `TaskSerializationError`.
+* To a subinterpreter pool: a plainly sendable task whose fields plain pickle (the
+  pickler that pool uses too) makes a small blob of goes as that blob, made at
+  ``submit`` (`sealed`), since bytes are what the interpreter shares cheapest; any
+  other as `Lazy`, pickled by the interpreter when the pool sends it.
+* Everywhere else (Dask, loky: executors whose workers do not run our ``__main__``),
+  eagerly, at ``submit``: plain pickle's blob, or cloudpickle's when plain pickle refuses
+  or names ``__main__``, so a task that cannot cross fails there with
+  `TaskSerializationError`.
 
-In both, registered ContextVars go by name (`_context.lookup`) and OpenTelemetry tracers
-and meters by reference to the worker's own provider, so a lambda using a module-level
-``tracer = trace.get_tracer(__name__)`` can be sent.
+Wherever cloudpickle is used, registered ContextVars go by name (`_context.lookup`) and
+OpenTelemetry tracers and meters by reference to the worker's own provider, so a lambda
+using a module-level ``tracer = trace.get_tracer(__name__)`` can be sent.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import threading
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from types import FunctionType
+from types import BuiltinFunctionType, FunctionType
 from typing import Any
 
 import cloudpickle
@@ -53,8 +58,12 @@ def envelope(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def opened(task: object) -> tuple[Any, ...]:
-    """The fields after the version, from a task as it arrived; refuses another release's."""
-    if not (isinstance(task, tuple) and len(task) > 2 and task[0] == WIRE):
+    """The fields after the version, from a task as it arrived; refuses another release's.
+
+    A blob that cannot be unpickled in a subinterpreter fails as the interpreter's own
+    unpickling would have: ``NotShareableError``.
+    """
+    if not (type(task) is tuple and len(task) > 2 and task[0] == WIRE):
         theirs = (f"propagate {task[1]} (wire format {task[0]})"
                   if isinstance(task, tuple) and len(task) > 2
                   else "an older propagate (0.1, wire format 1)")
@@ -62,9 +71,26 @@ def opened(task: object) -> tuple[Any, ...]:
             f"this task was sent by {theirs}, and this worker runs propagate {__version__} "
             f"(wire format {WIRE}): install the same release of propagate where tasks are "
             "submitted and where they run")
-    if len(task) == 3:  # eager: one blob after the versions
-        return tuple(pickle.loads(task[2]))
+    if len(task) == 3:  # one blob after the versions
+        try:
+            return tuple(pickle.loads(task[2]))
+        except Exception as exc:
+            error = _not_shareable(exc)
+            if error is None:
+                raise
+            raise error from exc
     return task[2:]
+
+
+def _not_shareable(exc: Exception) -> Exception | None:
+    """In a subinterpreter, what its own unpickling raises for ``exc``; None elsewhere."""
+    if sys.version_info < (3, 14):
+        return None
+    from concurrent import interpreters  # type: ignore[attr-defined,unused-ignore]
+
+    if interpreters.get_current().id == interpreters.get_main().id:
+        return None
+    return interpreters.NotShareableError(f"args not shareable: {type(exc).__name__}: {exc}")
 
 
 # -- the lazy path: the stdlib's process pool pickles the task, when it sends it ------------
@@ -126,7 +152,7 @@ def plainly_sendable(envelope: tuple[Any, ...], main: bool = True) -> bool:
     checks before it sends a function by name. Anything else (say False) goes to the trial.
     """
     _, _, fn, args, kwargs, _, _, values, _, _ = envelope
-    if type(fn) is not FunctionType or not _by_name(fn, main):
+    if type(fn) not in _NAMED or not _by_name(fn, main):
         return False
     if not (args or kwargs or values):
         return True
@@ -147,10 +173,13 @@ def _plain(obj: object, budget: list[int], main: bool) -> bool:
     if kind is dict:
         return all(type(key) is str and _plain(value, budget, main)
                    for key, value in obj.items())  # type: ignore[attr-defined]
-    return kind is FunctionType and _by_name(obj, main)  # type: ignore[arg-type]
+    return kind in _NAMED and _by_name(obj, main)  # type: ignore[arg-type]
 
 
-def _by_name(fn: FunctionType, main: bool) -> bool:
+_NAMED = (FunctionType, BuiltinFunctionType)  # what pickle sends by name, when found there
+
+
+def _by_name(fn: FunctionType | BuiltinFunctionType, main: bool) -> bool:
     """Whether pickle finds ``fn`` by its name, in a module the receiver can import."""
     if not main and fn.__module__ == "__main__":
         return False
@@ -310,13 +339,9 @@ def dumps(envelope: tuple[Any, ...], values: Mapping[str, object]) -> tuple[Any,
     pickle would send by reference to it (as Dask itself does).
     """
     fields = envelope[2:]
-    try:
-        blob = pickle.dumps(fields, PROTOCOL)
-    except Exception:  # plain pickle refuses; cloudpickle may not
-        pass
-    else:
-        if b"__main__" not in blob:
-            return (*envelope[:2], blob)
+    blob = _plain_blob(fields)
+    if blob is not None:
+        return (*envelope[:2], blob)
     if values:
         check_values(values)
     try:
@@ -325,6 +350,31 @@ def dumps(envelope: tuple[Any, ...], values: Mapping[str, object]) -> tuple[Any,
         raise TaskSerializationError(
             f"cannot pickle {describe(envelope[2])} or its arguments for another process or "
             f"interpreter: {exc}") from exc
+
+
+SMALL = 1 << 16  # bytes: a pending task holds no bigger copy of its arguments
+
+
+def sealed(envelope: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A plainly sendable envelope with its fields as one blob, for a subinterpreter, if small.
+
+    ``Interpreter.call`` shares bytes (and tuples of them) as they are, but pickles every
+    other argument on its own, with a pickler, an unpickler and a discarded exception
+    each: the envelope's dicts and function would cost one each. None for a bigger task,
+    so that no pending task holds a copy of big arguments, and for one that names
+    ``__main__``, which a subinterpreter finds only through its own unpickling.
+    """
+    blob = _plain_blob(envelope[2:])
+    return None if blob is None or len(blob) > SMALL else (*envelope[:2], blob)
+
+
+def _plain_blob(fields: tuple[Any, ...]) -> bytes | None:
+    """Plain pickle's blob of ``fields``, or None if it refuses or the blob names ``__main__``."""
+    try:
+        blob = pickle.dumps(fields, PROTOCOL)
+    except Exception:  # plain pickle refuses; cloudpickle may not
+        return None
+    return None if b"__main__" in blob else blob
 
 
 def describe(fn: Callable[..., Any]) -> str:

@@ -52,6 +52,13 @@ def observe() -> dict[str, Any]:
     }
 
 
+def digest(data: object) -> dict[str, Any]:
+    """What `observe` sees, and a digest of ``data`` (pickled): did it arrive whole?"""
+    import hashlib
+    import pickle
+    return {**observe(), "digest": hashlib.sha256(pickle.dumps(data, 4)).hexdigest()}
+
+
 def record_spans(*names: str) -> dict[str, Any]:
     """Start nested spans, one per name, and return their ids as the worker saw them."""
     tracer = trace.get_tracer("tests.process_tasks")

@@ -53,6 +53,25 @@ def test_capture_holds_span_baggage_and_set_registered_values(tracer, registered
     assert unset.name not in detached.values
 
 
+def test_capture_follows_every_change_of_the_current_context(tracer):
+    """Captures of one context are read once and given again: a span or baggage that
+    changes, and a context that comes back, are each seen as they are then."""
+    with tracer.start_as_current_span("a") as a:
+        first = propagate.capture()
+        with tracer.start_as_current_span("b") as b, with_baggage(tenant="acme"):
+            inner = propagate.capture()
+            with with_baggage(tenant="other", count=3):
+                changed = propagate.capture()
+                twice = propagate.capture()
+                assert baggage.get_baggage("count") == 3  # OpenTelemetry's own is untouched
+        again = propagate.capture()
+    assert first.span_id == again.span_id == a.get_span_context().span_id
+    assert first.baggage == again.baggage == {}
+    assert inner.span_id == b.get_span_context().span_id
+    assert inner.baggage == {"tenant": "acme"}
+    assert changed.baggage == twice.baggage == {"tenant": "other", "count": "3"}  # as sent
+
+
 def test_capture_without_span_has_no_parent():
     """I1: with no current span, capture() holds no trace identity."""
     detached = propagate.capture()

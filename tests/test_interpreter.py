@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -120,6 +121,48 @@ def test_what_cannot_be_sent_fails_on_the_future_as_the_stdlibs(pool: cf.Executo
     assert type(error) is type(expected)
     assert "_thread.lock" in causes(error) and "_thread.lock" in causes(expected)
     assert pool.submit(pt.square, 2).result(timeout=WAIT) == 4  # the pool is fine
+
+
+def ephemeral_function() -> Any:
+    """A function found by name here, in a module no other interpreter can import."""
+    module = types.ModuleType("tests_ephemeral_module")
+    # it reads a global: a function that does not is shared by its code, not its name
+    exec("import os\ndef work(x):\n    return os.getpid() + x\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    return module.work
+
+
+@pytest.mark.parametrize("task", ["plain", "object"])
+def test_what_cannot_be_rebuilt_there_fails_as_the_stdlibs(pool: cf.Executor, task: str) -> None:
+    """I7: a task that pickles but cannot be unpickled in the subinterpreter fails as with
+    the stdlib's pool: the same exception type on the future, caused by the unpickler's
+    error. A plain task (a function by name, plain data) goes as one object, anything
+    else through the send check: both fail alike."""
+    if task == "plain":
+        fn, args, message = ephemeral_function(), (1,), "tests_ephemeral_module"
+    else:
+        fn, args, message = pt.touch, ("/nonexistent/never", pt.FailsToLoad()), "FailsToLoad"
+    try:
+        with cf.InterpreterPoolExecutor(1) as stdlib:  # type: ignore[attr-defined]
+            expected = stdlib.submit(fn, *args).exception(timeout=WAIT)
+        error = pool.submit(fn, *args).exception(timeout=WAIT)
+    finally:
+        sys.modules.pop("tests_ephemeral_module", None)
+    assert expected is not None and error is not None
+    assert type(error) is type(expected), (causes(error), causes(expected))
+    assert message in causes(expected) and message in causes(error)
+
+
+@pytest.mark.parametrize("data", [b"small", bytes(1 << 22), pt.Marked("object")],
+                         ids=["small", "big", "object"])
+def test_arguments_cross_with_the_context(
+        pool: cf.Executor, tracer: trace.Tracer, data: Any) -> None:
+    """Plain arguments of any size, and objects, arrive whole, with the submitter's
+    context."""
+    seen, request = in_request(tracer, lambda: pool.submit(pt.digest, data).result(timeout=WAIT))
+    assert seen["digest"] == pt.digest(data)["digest"]
+    assert seen["trace_id"] == request.get_span_context().trace_id
+    assert seen["request_id"] == "req-7"
 
 
 def test_main_functions_of_a_script_as_the_stdlibs(tmp_path: Any) -> None:
