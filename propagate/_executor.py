@@ -209,7 +209,7 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     state = _context.enter(identity, baggage, values)
     unsendable = None
     try:
-        if task[0] is None:  # no task span: one frame less
+        if task[0] is None:  # no task span
             result = settled(fn, *args, **kwargs)
         else:
             result = settled(_run_task, task, fn, args, kwargs)
@@ -255,10 +255,8 @@ def _carry_home(relay: Any, origin: tuple[int, str] | None, spans: list[Any], ou
 
 def _run_task(task: tuple[Any, ...], fn: Callable[..., T], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> T:
-    span_name = task[0]
-    if span_name is None:
-        return fn(*args, **kwargs)
-    submitted_ns, link = task[1], task[2]
+    """``fn(*args, **kwargs)`` in a span of its own, which ``task`` names."""
+    span_name, submitted_ns, link = task[:3]
     attributes = {
         "thread.id": threading.get_native_id(),
         "thread.name": threading.current_thread().name,

@@ -27,12 +27,12 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
     Tasks are pickled with plain pickle, as the stdlib's pool pickles them: a small task
     of plain data (up to 64 KiB pickled) at ``submit``, so later changes to its
     arguments do not reach it (as with a process pool), and any other when the pool
-    sends it. Functions in ``__main__`` go by reference when ``__main__`` is a file, as there, and by value under
-    ``python -c`` or in a REPL, where the stdlib's pool cannot send them. Unlike the
-    stdlib's pool, lambdas, closures and local functions can be sent too (by value, with
-    cloudpickle). What cannot be sent at all fails on the task's future, as with the
-    stdlib's pool; a registered ContextVar whose value cannot cross fails at ``submit``
-    with `ContextSerializationError`.
+    sends it. Functions in ``__main__`` go by reference when ``__main__`` is a file, as
+    there, and by value under ``python -c`` or in a REPL, where the stdlib's pool cannot
+    send them. Unlike the stdlib's pool, lambdas, closures and local functions can be
+    sent too (by value, with cloudpickle). What cannot be sent at all fails on the task's
+    future, as with the stdlib's pool; a registered ContextVar whose value cannot cross
+    fails at ``submit`` with `ContextSerializationError`.
 
     A subinterpreter imports modules through the path this interpreter started with:
     a directory added to ``sys.path`` at run time is not there, as with the stdlib's pool.

@@ -84,7 +84,7 @@ _sdk_provider = False
 
 def origin() -> Origin | None:
     """Where tasks submitted here should send their spans: here, if the relay has a provider."""
-    return (_pid, _TOKEN) if enabled() else None
+    return here() if enabled() else None
 
 
 class _Collector(SpanProcessor):
