@@ -84,13 +84,12 @@ def opened(task: object) -> tuple[Any, ...]:
 
 def _not_shareable(exc: Exception) -> Exception | None:
     """In a subinterpreter, what its own unpickling raises for ``exc``; None elsewhere."""
-    if sys.version_info < (3, 14):
+    interpreters: Any = sys.modules.get("concurrent.interpreters")  # loaded by its pool
+    if interpreters is None or interpreters.get_current().id == interpreters.get_main().id:
         return None
-    from concurrent import interpreters  # type: ignore[attr-defined,unused-ignore]
-
-    if interpreters.get_current().id == interpreters.get_main().id:
-        return None
-    return interpreters.NotShareableError(f"args not shareable: {type(exc).__name__}: {exc}")
+    error: Exception = interpreters.NotShareableError(
+        f"args not shareable: {type(exc).__name__}: {exc}")
+    return error
 
 
 # -- the lazy path: the stdlib's process pool pickles the task, when it sends it ------------
