@@ -135,9 +135,9 @@ def ephemeral_function() -> Any:
 @pytest.mark.parametrize("task", ["plain", "object"])
 def test_what_cannot_be_rebuilt_there_fails_as_the_stdlibs(pool: cf.Executor, task: str) -> None:
     """I7: a task that pickles but cannot be unpickled in the subinterpreter fails as with
-    the stdlib's pool: the same exception type on the future, caused by the unpickler's
-    error. A plain task (a function by name, plain data) goes as one object, anything
-    else through the send check: both fail alike."""
+    the stdlib's pool: the same exception type on the future, naming the unpickler's
+    error. A plain task (a function by name, plain data) goes as one blob made at submit,
+    anything else through the send check: both fail alike."""
     if task == "plain":
         fn, args, message = ephemeral_function(), (1,), "tests_ephemeral_module"
     else:
@@ -151,6 +151,23 @@ def test_what_cannot_be_rebuilt_there_fails_as_the_stdlibs(pool: cf.Executor, ta
     assert expected is not None and error is not None
     assert type(error) is type(expected), (causes(error), causes(expected))
     assert message in causes(expected) and message in causes(error)
+
+
+def test_small_plain_tasks_are_pickled_at_submit(tmp_path: Any) -> None:
+    """As documented: a small task of plain data is pickled at submit, so a list changed
+    after submit arrives as it was (the stdlib's pool would send it as it is then); a big
+    one is pickled when sent, and arrives changed."""
+    gate = str(tmp_path / "gate")
+    small, big = [1, 2, 3], [b"x" * (1 << 17)]
+    with propagate.InterpreterPoolExecutor(1) as pool:
+        busy = pool.submit(pt.wait_for, gate)  # holds the one worker until the gate opens
+        seen_small, seen_big = pool.submit(pt.digest, small), pool.submit(pt.digest, big)
+        small.append(4)
+        big.append(b"y")
+        pt.touch(gate)
+        busy.result(timeout=WAIT)
+        assert seen_small.result(timeout=WAIT)["digest"] == pt.digest([1, 2, 3])["digest"]
+        assert seen_big.result(timeout=WAIT)["digest"] == pt.digest(big)["digest"]
 
 
 @pytest.mark.parametrize("data", [b"small", bytes(1 << 22), pt.Marked("object")],
