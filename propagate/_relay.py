@@ -58,7 +58,8 @@ def _forked() -> None:
     _pid = os.getpid()
 
 
-os.register_at_fork(after_in_child=_forked)
+if hasattr(os, "register_at_fork"):  # no fork, no other pid to catch up with
+    os.register_at_fork(after_in_child=_forked)
 _installed_in: int | None = None
 _install_lock = threading.Lock()
 
