@@ -162,8 +162,7 @@ def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict
         value = var.get(_UNSET)
         if value is not _UNSET:
             values[name] = value
-    if _switch.hook is not None:
-        _switch.point("capture")
+    _switch.point("capture")
     identity, baggage = _otel.current_fields()  # shared with other captures: not changed
     for value in baggage.values():
         if type(value) is not str:
@@ -204,14 +203,12 @@ def enter(identity: _otel.SpanIdentity | None, baggage: Mapping[str, object],
         except BaseException:
             leave((token, resets))
             raise
-    if _switch.hook is not None:
-        _switch.point("attach")
+    _switch.point("attach")
     return token, resets
 
 
 def leave(state: _State) -> None:
-    if _switch.hook is not None:
-        _switch.point("detach")
+    _switch.point("detach")
     token, resets = state
     for var, var_token in reversed(resets):
         var.reset(var_token)

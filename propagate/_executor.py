@@ -179,17 +179,16 @@ def _relay_module() -> Any:
 def _relay_origin() -> tuple[int, str] | None:
     if "opentelemetry.sdk.trace" not in sys.modules:  # no SDK, so no provider to relay to
         return None
-    relay = _relay if _relay is not None else _relay_module()
+    relay = _relay_module()
     return relay.origin() if relay else None
 
 
 def run_detached(envelope: tuple[Any, ...]) -> Any:
     """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
     fn, args, kwargs, identity, baggage, values, task, origin = _wire.opened(envelope)
-    if type(fn) is functools.partial:
-        chunk = _private.map_chunk(fn)
-        if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
-            fn = _private.rechunk(chunk[0], _isolated)
+    chunk = _private.map_chunk(fn)
+    if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
+        fn = _private.rechunk(chunk[0], _isolated)
     if _switch.hook is not None:
         fn, args = _switch.around, (fn, *args)
     return contextvars.copy_context().run(
@@ -204,7 +203,7 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
                   identity: _otel.SpanIdentity | None, baggage: dict[str, object],
                   values: dict[str, object], task: tuple[Any, ...],
                   origin: tuple[int, str] | None) -> Any:
-    relay: Any = None if origin is None else _relay if _relay is not None else _relay_module()
+    relay: Any = _relay_module() if origin is not None else None
     batch = relay.open_batch(origin) if relay else None  # None where the task was sent from
     state = _context.enter(identity, baggage, values)
     unsendable = None
