@@ -24,6 +24,7 @@ _registry: dict[str, ContextVar[Any]] = {}
 _stand_ins: set[str] = set()  # names created in a worker before their module registered them
 _lock = threading.Lock()
 _UNSET: Any = object()
+_NO_VALUES: dict[str, object] = {}  # every capture's when none is registered: never changed
 
 
 def register(var: ContextVar[T]) -> ContextVar[T]:
@@ -154,14 +155,21 @@ def capture() -> DetachedContext:
 
 
 def capture_fields() -> tuple[_otel.SpanIdentity | None, dict[str, object], dict[str, object]]:
-    """What `capture` holds, as plain values: identity, baggage, registered values."""
+    """What `capture` holds, as plain values: identity, baggage, registered values.
+
+    Shared with other captures (a task holds them until it is sent): callers must not
+    change them.
+    """
     if orphans:
         heal()
-    values = {}
-    for name, var in list(_registry.items()):
-        value = var.get(_UNSET)
-        if value is not _UNSET:
-            values[name] = value
+    values = _NO_VALUES
+    if _registry:
+        found = {}
+        for name, var in list(_registry.items()):
+            value = var.get(_UNSET)
+            if value is not _UNSET:
+                found[name] = value
+        values = found or _NO_VALUES
     _switch.point("capture")
     identity, baggage = _otel.current_fields()  # shared with other captures: not changed
     for value in baggage.values():

@@ -113,6 +113,11 @@ def settled(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
             _span.end_of_context(ended)
 
 
+_NO_KWARGS: dict[str, Any] = {}  # held by every task called without: never changed
+_NO_SPAN_SENT_BY_STDLIB: tuple[None, int, bool, bool] = (None, 0, False, True)  # no task span
+_NO_SPAN_SENT_BY_OTHERS: tuple[None, int, bool, bool] = (None, 0, False, False)
+
+
 def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                   options: Options = PLAIN) -> Call:
     """``fn(*args, **kwargs)`` with a detached context, as a submit call.
@@ -126,21 +131,27 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     identity, baggage, values = _context.capture_fields()
     # The last field: whether the stdlib's pool sends the result, with multiprocessing's
     # pickler (so the worker checks a result carrying spans can be sent before it goes).
-    task = (_wire.describe(fn) if options.task_spans else None, time.time_ns(), options.link,
-            not options.main_by_value)
+    task: tuple[str | None, int, bool, bool]
+    if options.task_spans:
+        task = (_wire.describe(fn), time.time_ns(), options.link, not options.main_by_value)
+    else:  # one tuple for every such task: each pending task holds its envelope
+        task = _NO_SPAN_SENT_BY_OTHERS if options.main_by_value else _NO_SPAN_SENT_BY_STDLIB
     origin = _relay_origin() if options.relay else None
-    envelope = _wire.envelope(fn, args, kwargs, identity, baggage, values, task, origin)
+    envelope = _wire.envelope(fn, args, kwargs or _NO_KWARGS, identity, baggage, values, task,
+                              origin)
     if options.main_by_value:
         return run_detached, (_wire.dumps(envelope, values),), {}
     if values:
         _wire.check_values(values)
     main = not options.subinterpreters or _wire.main_is_a_file()
     if _wire.plainly_sendable(envelope, main):  # the pool's pickler surely sends it as it is
+        # Spread as the call's arguments: the pool's pending task holds one tuple, as the
+        # stdlib's does (an extra object per pending task is an extra for the collector).
         if not options.subinterpreters:
-            return run_detached, (envelope,), {}
+            return run_detached, envelope, {}
         sealed = _wire.sealed(envelope)  # a small blob: what a subinterpreter takes cheapest
         if sealed is not None:
-            return run_detached, (sealed,), {}
+            return run_detached, sealed, {}
     return run_detached, (_wire.Lazy(envelope, main),), {}
 
 
@@ -183,9 +194,13 @@ def _relay_origin() -> tuple[int, str] | None:
     return relay.origin() if relay else None
 
 
-def run_detached(envelope: tuple[Any, ...]) -> Any:
-    """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context."""
-    fn, args, kwargs, identity, baggage, values, task, origin = _wire.opened(envelope)
+def run_detached(*sent: Any) -> Any:
+    """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context.
+
+    Takes the envelope spread as its arguments, or as one (a `_wire.Lazy` arrives so).
+    """
+    fn, args, kwargs, identity, baggage, values, task, origin = _wire.opened(
+        sent[0] if len(sent) == 1 else sent)
     chunk = _private.map_chunk(fn)
     if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
         fn = _private.rechunk(chunk[0], _isolated)

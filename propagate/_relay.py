@@ -51,11 +51,13 @@ Origin = tuple[int, str]
 Source = tuple[str, int]
 _TOKEN = secrets.token_hex(8)  # inherited by a forked child, whose pid then differs
 _pid = os.getpid()  # os.getpid() is a system call; tasks ask for it twice each
+_here = (_pid, _TOKEN)  # one tuple, not one per task: a pending task holds it
 
 
 def _forked() -> None:
-    global _pid
+    global _pid, _here
     _pid = os.getpid()
+    _here = (_pid, _TOKEN)
 
 
 if hasattr(os, "register_at_fork"):  # no fork, no other pid to catch up with
@@ -66,7 +68,7 @@ _install_lock = threading.Lock()
 
 def here() -> Origin:
     """This process's identity, as a task's origin."""
-    return (_pid, _TOKEN)
+    return _here
 
 
 def enabled() -> bool:

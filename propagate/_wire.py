@@ -1,9 +1,11 @@
 """How a task crosses to another process or interpreter, and what it carries.
 
 A task is one tuple, the envelope: ``(WIRE, __version__, fn, args, kwargs, identity,
-baggage, values, task, origin)``. Its first two fields never move, so a worker on another
-release of propagate refuses the task with both versions named (`opened`), instead of
-failing somewhere inside an unpickler.
+baggage, values, task, origin)``, handed to the pool spread as the arguments of
+``run_detached`` (so a pending task holds one tuple, as the stdlib's does), or as its one
+argument when wrapped (`Lazy`, a blob). Its first two fields never move, so a worker on
+another release of propagate refuses the task with both versions named (`opened`),
+instead of failing somewhere inside an unpickler.
 
 Three ways to send it:
 
@@ -53,8 +55,8 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def envelope(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             *fields: Any) -> tuple[Any, ...]:
-    return (WIRE, __version__, fn, args, kwargs, *fields)
+             identity: Any, baggage: Any, values: Any, task: Any, origin: Any) -> tuple[Any, ...]:
+    return (WIRE, __version__, fn, args, kwargs, identity, baggage, values, task, origin)
 
 
 def opened(task: object) -> tuple[Any, ...]:
@@ -146,33 +148,40 @@ def plainly_sendable(envelope: tuple[Any, ...], main: bool = True) -> bool:
     """True when any pickler surely sends ``envelope``: a shortcut past the trial.
 
     The fields propagate made are plain by construction (ints, strings, tuples of them);
-    the user's must be plain data (a few dozen containers at most, of atoms) and
-    functions found by their names where they were defined, which is what pickle itself
-    checks before it sends a function by name. Anything else (say False) goes to the trial.
+    the user's must be plain data (a few hundred containers and items at most, of atoms)
+    and functions found by their names where they were defined, which is what pickle
+    itself checks before it sends a function by name. Anything else (say False) goes to
+    the trial, which walks what is bigger in C, not here in Python.
     """
     _, _, fn, args, kwargs, _, _, values, _, _ = envelope
     if type(fn) not in _NAMED or not _by_name(fn, main):
         return False
     if not (args or kwargs or values):
         return True
-    budget = [64]
+    budget = [256]
     return (_plain(args, budget, main) and _plain(kwargs, budget, main)
             and _plain(values, budget, main))
 
 
-def _plain(obj: object, budget: list[int], main: bool) -> bool:
+def _plain(obj: Any, budget: list[int], main: bool) -> bool:
     kind = type(obj)
     if kind in _ATOMS:
         return True
-    budget[0] -= 1
-    if budget[0] < 0:
-        return False
-    if kind is tuple or kind is list:
-        return all(_plain(item, budget, main) for item in obj)  # type: ignore[attr-defined]
-    if kind is dict:
-        return all(type(key) is str and _plain(value, budget, main)
-                   for key, value in obj.items())  # type: ignore[attr-defined]
-    return kind in _NAMED and _by_name(obj, main)  # type: ignore[arg-type]
+    if kind is tuple or kind is list or kind is dict:
+        budget[0] -= 1 + len(obj)
+        if budget[0] < 0:
+            return False
+        if kind is dict:
+            for key, value in obj.items():
+                if type(key) is not str or (type(value) not in _ATOMS
+                                            and not _plain(value, budget, main)):
+                    return False
+        else:
+            for item in obj:
+                if type(item) not in _ATOMS and not _plain(item, budget, main):
+                    return False
+        return True
+    return kind in _NAMED and _by_name(obj, main)
 
 
 _NAMED = (FunctionType, BuiltinFunctionType)  # what pickle sends by name, when found there
@@ -180,10 +189,13 @@ _NAMED = (FunctionType, BuiltinFunctionType)  # what pickle sends by name, when 
 
 def _by_name(fn: FunctionType | BuiltinFunctionType, main: bool) -> bool:
     """Whether pickle finds ``fn`` by its name, in a module the receiver can import."""
-    if not main and fn.__module__ == "__main__":
+    module, name = fn.__module__, fn.__qualname__
+    if not main and module == "__main__":
         return False
-    found: object = sys.modules.get(fn.__module__)
-    for part in fn.__qualname__.split("."):
+    found: object = sys.modules.get(module)
+    if "." not in name:  # most are: one look, no list
+        return getattr(found, name, None) is fn
+    for part in name.split("."):
         found = getattr(found, part, None)
     return found is fn
 

@@ -4,7 +4,9 @@ The rows of `bench.py` say how much slower a pool is; this says where it goes, f
 process and interpreter rows (a no-op task, a recording tracer provider, inside a span):
 
 * submit: ``bind_detached`` (capture, envelope, the plain-task check; for a
-  subinterpreter also the blob), warm, per call;
+  subinterpreter also the blob), warm, per call; and the objects the collector tracks
+  that a pending task holds beyond the stdlib's (each one makes the parent's garbage
+  collector run sooner while tasks wait);
 * the wire: multiprocessing's pickle of the stdlib's call item against propagate's
   (the same function, sent through ``run_detached`` with its envelope): size, and the
   time to pickle and unpickle it, warm;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import functools
+import gc
 import json
 import os
 import statistics
@@ -54,14 +57,34 @@ def warm_us(fn: Any, number: int = 20000) -> float:
 
 def first_and_second(which: str, task: tuple[Any, ...]) -> tuple[float, float]:
     """In a subinterpreter: CPU us of the first and the second run within one call."""
-    fn = run_detached if which == "propagate" else (lambda _: os.getpid())
+    fn = run_detached if which == "propagate" else (lambda *_: os.getpid())
     times = []
     for _ in range(2):
         start = time.thread_time_ns()
-        result = fn(task)
+        result = fn(*task)
         times.append((time.thread_time_ns() - start) / 1000)
         assert result == os.getpid(), result
     return times[0], times[1]
+
+
+def held_per_task(bind: Any, n: int = 1000) -> float:
+    """Objects the collector tracks that each of ``n`` bound tasks holds, net.
+
+    The stdlib's pool holds ``submit``'s arguments as a tuple, the empty tuple (no object)
+    for a task without arguments; propagate's holds the tuple it passes. Counted with
+    ``gc.get_count()``, which counts such objects made and not yet freed.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        empty = [None] * n  # the list that holds the tasks, counted alike on both sides
+        start = gc.get_count()[0]
+        held = [tuple(bind()[1]) for _ in range(n)]  # what the stdlib's submit packs
+        counted = gc.get_count()[0] - start - 1
+        assert len(held) == len(empty)
+        return counted / n
+    finally:
+        gc.enable()
 
 
 def measure() -> dict[str, float]:
@@ -69,12 +92,14 @@ def measure() -> dict[str, float]:
     rows["submit: bind_detached, us"] = warm_us(lambda: bind_detached(os.getpid, (), {},
                                                                       PROCESSES))
     rows["submit: capture_fields, us"] = warm_us(_context.capture_fields)
+    rows["submit: tracked objects a pending task holds"] = held_per_task(
+        lambda: bind_detached(os.getpid, (), {}, PROCESSES))
     if sys.version_info >= (3, 14):  # and a subinterpreter's: the envelope pickled too
         rows["submit, subinterpreter: bind_detached, us"] = warm_us(
             lambda: bind_detached(os.getpid, (), {}, INTERPRETERS))
-    _, (envelope,), _ = bind_detached(os.getpid, (), {}, PROCESSES)
+    _, envelope, _ = bind_detached(os.getpid, (), {}, PROCESSES)
     items = {"stdlib": _CallItem(1, os.getpid, (), {}),
-             "propagate": _CallItem(1, run_detached, (envelope,), {})}
+             "propagate": _CallItem(1, run_detached, envelope, {})}
     for side, item in items.items():
         blob = bytes(ForkingPickler.dumps(item))
         rows[f"wire, {side}: bytes"] = len(blob)
@@ -83,7 +108,7 @@ def measure() -> dict[str, float]:
         rows[f"wire, {side}: unpickle, us"] = warm_us(functools.partial(ForkingPickler.loads,
                                                                         blob))
     if sys.version_info >= (3, 14):
-        _, (sealed,), _ = bind_detached(os.getpid, (), {}, INTERPRETERS)
+        _, sealed, _ = bind_detached(os.getpid, (), {}, INTERPRETERS)
         assert len(sealed) == 3, "a no-op task goes sealed"  # (WIRE, version, blob)
         # by its module's name, not __main__'s: a subinterpreter would run this script
         from bench_parts import first_and_second as runs_of  # type: ignore[import-not-found]

@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import propagate
 from propagate import _wire
-from propagate._executor import run_detached
+from propagate._executor import Options, bind_detached, run_detached
 from tests import process_tasks as pt
 from tests.conftest import extra_state, with_baggage
 from tests.process_tasks import REQUEST_ID, UNREGISTERED
@@ -739,6 +739,25 @@ def test_worker_provider_with_its_own_active_processor_runs_tasks(
 
 
 # -- the wire has a version -----------------------------------------------------------------------
+
+def test_pending_tasks_of_one_context_share_its_fields(tracer: trace.Tracer) -> None:
+    """A pending task holds one tuple more than the stdlib's: its envelope, spread as the
+    call's arguments. What it shares with the other tasks of its context (the empty kwargs,
+    identity, baggage, registered values, task fields, origin) is one object for all."""
+    options = Options.checked()
+    with tracer.start_as_current_span("submitter"), with_baggage(user="alice"):
+        calls = [bind_detached(pt.square, (i,), {}, options) for i in range(3)]
+        with setvar(REQUEST_ID, "req-1"):
+            valued = [bind_detached(pt.square, (i,), {}, options) for i in range(2)]
+    first = calls[0][1]
+    assert [call for call, _, _ in calls] == [run_detached] * 3
+    assert first[:2] == (_wire.WIRE, propagate.__version__) and first[3] == (0,)
+    for _, other, _ in calls[1:]:
+        assert all(other[i] is first[i] for i in range(4, 10)), other
+    assert first[7] == {} and valued[0][1][7] == {REQUEST_ID.name: "req-1"}
+    assert valued[0][1][7] is not valued[1][1][7]  # values set there are the task's own
+    assert run_detached(*pickle.loads(ForkingPickler.dumps(calls[2][1]))) == 4  # spread: runs
+
 
 def test_task_from_another_release_fails_naming_both_versions(mp_context: BaseContext) -> None:
     """A worker on another release of propagate fails the task at once, naming both."""

@@ -40,8 +40,10 @@ def local_function() -> Callable[[], None]:
     (envelope(pt.square, threading.Lock()), False),
     (envelope(pt.square, pt.Marked("x")), False),  # not plain data: the trial decides
     (envelope(pt.square, [[i] for i in range(100)]), False),  # too many containers to walk
+    (envelope(pt.square, list(range(1000))), False),  # too many items: the trial walks in C
+    (envelope(pt.square, key={"k": [1, {"deep": (2, "x")}]}), True),
 ], ids=["function", "plain-data", "values", "function-argument", "lambda", "local",
-        "lock", "object", "many-containers"])
+        "lock", "object", "many-containers", "many-items", "nested"])
 def test_plainly_sendable_is_a_shortcut_never_a_guess(task: tuple[Any, ...], plain: bool) -> None:
     """The shortcut past the trial says yes only where every pickler surely succeeds."""
     assert _wire.plainly_sendable(task) is plain
