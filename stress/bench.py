@@ -69,6 +69,10 @@ def fresh(make: Callable[[], cf.Executor], fn: Callable[[], Any] = noop) -> Time
 
 
 WORKERS = 2  # per pool, in the process and interpreter rows
+# Their rounds vary most: on two CPUs one round's ratio depends on how the pools' processes
+# and threads happen to be scheduled. Three times the rounds narrow the median's spread
+# by a factor of sqrt(3).
+POOL_ROUNDS = 3
 
 
 @contextmanager
@@ -117,6 +121,7 @@ def bench_processes(rounds: int, n: int) -> dict[str, dict[str, float]]:
     std = fresh(lambda: cf.ProcessPoolExecutor(WORKERS))
     relay = fresh(lambda: propagate.ProcessPoolExecutor(WORKERS))
     plain = fresh(lambda: propagate.ProcessPoolExecutor(WORKERS, relay=False))
+    rounds *= POOL_ROUNDS
     with tracer.start_as_current_span("bench"):
         return {
             "processes, relay on": paired(std, relay, rounds, n),
@@ -131,7 +136,7 @@ def bench_interpreters(rounds: int, n: int) -> dict[str, dict[str, float]]:
     std = fresh(lambda: cf.InterpreterPoolExecutor(WORKERS), os.getpid)
     ours = fresh(lambda: propagate.InterpreterPoolExecutor(WORKERS), os.getpid)
     with tracer.start_as_current_span("bench"):
-        return {"interpreters, relay on": paired(std, ours, rounds, n)}
+        return {"interpreters, relay on": paired(std, ours, rounds * POOL_ROUNDS, n)}
 
 
 def bench_to_thread(rounds: int, n: int) -> dict[str, dict[str, float]]:
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
            "argument not counted). " if "big" in chosen else "")
     print(f"\nA: the stdlib (or plain OpenTelemetry / plain Dask); B: propagate (in the peer "
           f"row, the OpenTelemetry threading instrumentor). {big}"
-          f"{rounds} alternating rounds. Python {sys.version.split()[0]}, {os.cpu_count()} CPUs.")
+          f"{rounds} alternating rounds ({rounds * POOL_ROUNDS} in the process and interpreter "
+          f"rows). Python {sys.version.split()[0]}, {os.cpu_count()} CPUs.")
     return 0
 
 
