@@ -7,6 +7,7 @@ reports the per-task median of each and the median of the per-round ratios B/A.
     python stress/bench.py --quick    # small, for a smoke run
     python stress/bench.py --json     # for machines
     python stress/bench.py --only threads,span
+    python stress/bench.py --only processes --rounds 63   # a narrower median, slowly
     python stress/bench.py --only big   # big arguments: time and the parent's peak memory
 """
 
@@ -206,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few rounds, few tasks")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--only", default="", help="comma-separated rows: " + ", ".join(ROWS))
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="rounds per row (21; 5 with --quick), for a narrower median; "
+                             "the process and interpreter rows take three times as many")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     rounds, n = (5, 200) if args.quick else (21, 2000)
+    rounds = args.rounds or rounds
     chosen = [r for r in args.only.split(",") if r] or list(ROWS)
     results: dict[str, dict[str, float]] = {}
     for name in chosen:
