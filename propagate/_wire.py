@@ -189,13 +189,10 @@ _NAMED = (FunctionType, BuiltinFunctionType)  # what pickle sends by name, when 
 
 def _by_name(fn: FunctionType | BuiltinFunctionType, main: bool) -> bool:
     """Whether pickle finds ``fn`` by its name, in a module the receiver can import."""
-    module, name = fn.__module__, fn.__qualname__
-    if not main and module == "__main__":
+    if not main and fn.__module__ == "__main__":
         return False
-    found: object = sys.modules.get(module)
-    if "." not in name:  # most are: one look, no list
-        return getattr(found, name, None) is fn
-    for part in name.split("."):
+    found: object = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split("."):
         found = getattr(found, part, None)
     return found is fn
 
