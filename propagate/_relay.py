@@ -202,7 +202,7 @@ def _install(provider: object) -> None:
 
 def open_batch(origin: Origin) -> Batch | None:
     """The batch a task sent from ``origin`` records into; None if it was sent from here."""
-    if origin[0] == _pid and origin[1] == _TOKEN:  # not another process or interpreter
+    if origin == _here:  # not another process or interpreter
         return None
     if _installed_in != _pid:
         install()
