@@ -8,6 +8,8 @@ the baggage, and the values of the ContextVars registered with `register`.
 
 from __future__ import annotations
 
+import contextvars
+import pickle
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -45,8 +47,10 @@ def register(var: ContextVar[T]) -> ContextVar[T]:
                 f"a different ContextVar named {var.name!r} is already registered; "
                 "registered names must be unique because values cross processes by name"
             )
+        if var.name in _stand_ins:  # templates set the stand-in: make them afresh
+            _stand_ins.discard(var.name)
+            _templates.clear()
         _registry[var.name] = var
-        _stand_ins.discard(var.name)
     return var
 
 
@@ -196,6 +200,45 @@ def _as_string(key: str, value: object) -> str:
 
 
 _State = tuple[object, list[tuple[ContextVar[Any], Token[Any]]]]
+
+
+def task_context(context: object) -> tuple[contextvars.Context, Any] | None:
+    """A new Context for one task, with the sealed ``context`` current in it, and its origin.
+
+    The tasks of one request carry the same sealed context (`_wire.context`): the first
+    makes a template, entering the context as `enter` does, and each runs in a copy of
+    it, which ends with the task, so there is nothing to leave. None where a copy of a
+    template would not be what entering gives, and the caller enters and leaves: this
+    thread's context is not empty (the template would hold another's, or an old one), a
+    jitter wants the attach and detach points, OpenTelemetry's runtime context is not
+    scoped by Contexts, or the context is not sealed (its values are mutable: each task
+    gets its own copy).
+    """
+    if type(context) is not bytes or _switch.hook is not None:
+        return None
+    here = contextvars.copy_context()
+    if len(here) or not _otel.context_scoped():
+        return None
+    made = _templates.get(context)
+    if made is None:
+        identity, baggage, values, origin = pickle.loads(context)
+        here.run(_enter_for_good, identity, baggage, values)
+        if len(_templates) >= 64:  # one per request in flight: a few
+            _templates.clear()
+        made = _templates[context] = (here, origin)
+    template, origin = made
+    return template.copy(), origin
+
+
+_templates: dict[bytes, tuple[contextvars.Context, Any]] = {}
+
+
+def _enter_for_good(identity: _otel.SpanIdentity | None, baggage: Mapping[str, object],
+                    values: Mapping[str, object]) -> None:
+    """`enter`, in a Context made for it and never left."""
+    _otel.attach(_otel.build(identity, baggage))
+    for name, value in values.items():
+        lookup(name).set(value)
 
 
 def enter(identity: _otel.SpanIdentity | None, baggage: Mapping[str, object],

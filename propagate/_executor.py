@@ -137,8 +137,8 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     else:  # one tuple for every such task: each pending task holds its envelope
         task = _NO_SPAN_SENT_BY_OTHERS if options.main_by_value else _NO_SPAN_SENT_BY_STDLIB
     origin = _relay_origin() if options.relay else None
-    envelope = _wire.envelope(fn, args, kwargs or _NO_KWARGS, identity, baggage, values, task,
-                              origin)
+    envelope = _wire.envelope(fn, args, kwargs or _NO_KWARGS, task,
+                              _wire.context(identity, baggage, values, origin))
     if options.main_by_value:
         return run_detached, (_wire.dumps(envelope, values),), {}
     if values:
@@ -199,15 +199,30 @@ def run_detached(*sent: Any) -> Any:
 
     Takes the envelope spread as its arguments, or as one (a `_wire.Lazy` arrives so).
     """
-    fn, args, kwargs, identity, baggage, values, task, origin = _wire.opened(
-        sent[0] if len(sent) == 1 else sent)
+    fn, args, kwargs, task, context = _wire.opened(sent[0] if len(sent) == 1 else sent)
     chunk = _private.map_chunk(fn)
     if chunk is not None:  # ProcessPoolExecutor.map(chunksize=n): each item in its own copy
         fn = _private.rechunk(chunk[0], _isolated)
     if _switch.hook is not None:
         fn, args = _switch.around, (fn, *args)
+    made = _context.task_context(context)  # the detached context current in it already
+    if made is not None:
+        ctx, origin = made
+        return ctx.run(_run_attached, fn, args, kwargs, task, origin, None)
+    identity, baggage, values, origin = _wire.context_fields(context)
     return contextvars.copy_context().run(
-        _run_attached, fn, args, kwargs, identity, baggage, values, task, origin)
+        _run_attached, fn, args, kwargs, task, origin, (identity, baggage, values))
+
+
+def run_in_interpreter(results: Any, *sent: Any) -> Any:
+    """`run_detached`, in an InterpreterPoolExecutor's subinterpreter, called directly.
+
+    Through the stdlib's ``do_call``, so an exception goes to ``results`` as the stdlib's
+    pool sends it (see `_private.direct_interpreter_context`).
+    """
+    do_call = _private.interpreter_do_call()
+    assert do_call is not None  # the pool checked, in this same Python
+    return do_call(results, run_detached, sent, _NO_KWARGS)
 
 
 def _isolated(fn: Callable[..., T], *args: Any) -> T:
@@ -215,12 +230,13 @@ def _isolated(fn: Callable[..., T], *args: Any) -> T:
 
 
 def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                  identity: _otel.SpanIdentity | None, baggage: dict[str, object],
-                  values: dict[str, object], task: tuple[Any, ...],
-                  origin: tuple[int, str] | None) -> Any:
+                  task: tuple[Any, ...], origin: tuple[int, str] | None,
+                  detached: tuple[Any, ...] | None) -> Any:
+    """Run the task in the current Context: with ``detached`` entered around it, if given
+    (else the Context was made with it current, by `_context.task_context`)."""
     relay: Any = _relay_module() if origin is not None else None
     batch = relay.open_batch(origin) if relay else None  # None where the task was sent from
-    state = _context.enter(identity, baggage, values)
+    state = None if detached is None else _context.enter(*detached)
     unsendable = None
     try:
         if task[0] is None:  # no task span
@@ -234,7 +250,8 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         if unsendable is None:
             raise
     finally:
-        _context.leave(state)
+        if state is not None:
+            _context.leave(state)
     if unsendable is not None:  # raised here, outside the handler: it has no __context__
         raise unsendable
     if batch is None:

@@ -6,7 +6,15 @@ import concurrent.futures as cf
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._executor import Binding, Options, bind_detached, submit_from_empty_context
+from . import _private
+from ._executor import (
+    Binding,
+    Options,
+    bind_detached,
+    run_detached,
+    run_in_interpreter,
+    submit_from_empty_context,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -56,6 +64,14 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
     ) -> None:
         super().__init__(max_workers, thread_name_prefix, initializer, initargs)
         self._propagate = Options.checked(task_spans, link, relay, subinterpreters=True)
+
+    @classmethod
+    def prepare_context(cls, initializer: Callable[..., object] | None,
+                        initargs: tuple[Any, ...]) -> Any:
+        """The stdlib's, with workers that call each task's `run_detached` directly."""
+        direct = _private.direct_interpreter_context(initializer, initargs, run_detached,
+                                                     run_in_interpreter)
+        return super().prepare_context(initializer, initargs) if direct is None else direct
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)

@@ -8,6 +8,7 @@ OpenTelemetry object.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import weakref
@@ -103,6 +104,23 @@ def _build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel
 # The API's own functions, not wrappers: a worker runs them once per task, on a cold cache.
 attach: Callable[[otel_context.Context], Token] = otel_context.attach
 detach: Callable[[Token], None] = otel_context.detach  # type: ignore[assignment]
+
+
+@functools.cache
+def context_scoped() -> bool:
+    """Whether the current OpenTelemetry context belongs to the ``contextvars.Context``.
+
+    So with OpenTelemetry's default runtime context, which keeps it in a ContextVar. A
+    runtime configured otherwise (``OTEL_PYTHON_CONTEXT``) might keep it per thread.
+    """
+    probe = otel_context.Context()
+    inside = contextvars.Context()
+    token = inside.run(otel_context.attach, probe)
+    try:
+        return (otel_context.get_current() is not probe
+                and inside.run(otel_context.get_current) is probe)
+    finally:
+        inside.run(otel_context.detach, token)
 
 
 def inject(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> dict[str, str]:

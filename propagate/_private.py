@@ -113,6 +113,63 @@ def enclosing_task(frame: FrameType | None) -> tuple[Any, object] | None:
     return None
 
 
+# -- concurrent.futures.interpreter (3.14+) --------------------------------------------------
+
+
+def direct_interpreter_context(initializer: object, initargs: tuple[Any, ...],
+                               fn: Callable[..., Any], entry: Callable[..., Any]) -> Any:
+    """An InterpreterPoolExecutor's ``prepare_context()``, for workers that call ``entry``.
+
+    The stdlib's worker runs each task as ``interp.call(do_call, results, fn, args,
+    kwargs)``, and ``Interpreter.call`` converts every argument on its own: a function and
+    a dict each cost a pickle, after a failed try to share them. A task of ``fn`` (the
+    pool's own, whose arguments are shareable) runs as ``interp.call(entry, results,
+    *args)`` instead; ``entry`` calls ``do_call`` there, so an exception reaches the
+    future as the stdlib's pool sends it. Reads ``WorkerContext`` (``prepare``, ``run``,
+    ``interp``, ``results``); None, and the stdlib's workers, if it moved.
+    """
+    worker = _direct_worker(fn, entry)
+    return None if worker is None else worker.prepare(initializer, initargs)
+
+
+@functools.cache
+def _direct_worker(fn: Callable[..., Any], entry: Callable[..., Any]) -> Any:
+    from concurrent import interpreters  # type: ignore[attr-defined,unused-ignore]
+    from concurrent.futures import interpreter  # type: ignore[attr-defined,unused-ignore]
+
+    base = getattr(interpreter, "WorkerContext", None)
+    if not (isinstance(base, type) and callable(getattr(base, "prepare", None))
+            and callable(getattr(base, "run", None)) and interpreter_do_call() is not None):
+        moved("concurrent.futures.interpreter.WorkerContext", "each task sent to a "
+              "subinterpreter pays the stdlib's conversion of its function and arguments")
+        return None
+    failed = interpreters.ExecutionFailed
+
+    class Direct(base):  # type: ignore[valid-type,misc]
+        def run(self, task: tuple[Any, ...]) -> Any:
+            call, args, kwargs = task
+            interp, results = getattr(self, "interp", None), getattr(self, "results", None)
+            if call is not fn or kwargs or interp is None or results is None:
+                return super().run(task)  # an initializer, or a worker not as expected
+            try:
+                return interp.call(entry, results, *args)
+            except failed as wrapper:  # as the stdlib's run: do_call sent the exception
+                exc = results.get()
+                if exc is None:  # it could not be shared
+                    raise
+                raise exc from wrapper
+
+    return Direct
+
+
+@functools.cache
+def interpreter_do_call() -> Callable[..., Any] | None:
+    """``concurrent.futures.interpreter.do_call``: how a pool's subinterpreter runs a task."""
+    from concurrent.futures import interpreter  # type: ignore[attr-defined,unused-ignore]
+
+    return getattr(interpreter, "do_call", None)
+
+
 # -- threading and asyncio ------------------------------------------------------------------
 
 

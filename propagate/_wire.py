@@ -1,11 +1,16 @@
 """How a task crosses to another process or interpreter, and what it carries.
 
-A task is one tuple, the envelope: ``(WIRE, __version__, fn, args, kwargs, identity,
-baggage, values, task, origin)``, handed to the pool spread as the arguments of
-``run_detached`` (so a pending task holds one tuple, as the stdlib's does), or as its one
-argument when wrapped (`Lazy`, a blob). Its first two fields never move, so a worker on
-another release of propagate refuses the task with both versions named (`opened`),
-instead of failing somewhere inside an unpickler.
+A task is one tuple, the envelope: ``(WIRE, __version__, fn, args, kwargs, task,
+context)``, handed to the pool spread as the arguments of ``run_detached`` (so a pending
+task holds one tuple, as the stdlib's does), or as its one argument when wrapped (`Lazy`,
+a blob). Its first two fields never move, so a worker on another release of propagate
+refuses the task with both versions named (`opened`), instead of failing somewhere
+inside an unpickler.
+
+``context`` is the detached context and where to send spans, ``(identity, baggage,
+values, origin)``: sealed, as plain pickle's bytes, when every registered value is an
+immutable atom (`context`). The tasks of one request then carry the same bytes, pickled
+once here, and a worker makes the Context they run in once (`_context.task_context`).
 
 Three ways to send it:
 
@@ -50,13 +55,46 @@ from . import _context, _private
 from ._errors import ContextSerializationError, TaskSerializationError
 from ._version import __version__
 
-WIRE = 2  # the envelope's layout; 0.1 sent a bare blob, and had no number
+WIRE = 3  # the envelope's layout; 0.1 sent a bare blob, and had no number
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def envelope(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             identity: Any, baggage: Any, values: Any, task: Any, origin: Any) -> tuple[Any, ...]:
-    return (WIRE, __version__, fn, args, kwargs, identity, baggage, values, task, origin)
+             task: Any, context: bytes | tuple[Any, ...]) -> tuple[Any, ...]:
+    return (WIRE, __version__, fn, args, kwargs, task, context)
+
+
+Context = tuple[Any, Any, Mapping[str, object], Any]  # identity, baggage, values, origin
+
+
+def context(identity: Any, baggage: Mapping[str, object], values: Mapping[str, object],
+            origin: Any) -> bytes | Context:
+    """A task's context field: sealed (plain pickle's bytes) if its values are immutable atoms.
+
+    Captures of one request give the same objects (`_otel.current_fields`, the shared
+    empty values, the one origin): the bytes made for the last of them are given again.
+    Mutable values stay a tuple, so that each task unpickles a copy of its own.
+    """
+    global _last_context
+    last = _last_context
+    if (last[0] is identity and last[1] is baggage and last[2] is values
+            and last[3] is origin):
+        sealed: bytes = last[4]
+        return sealed
+    for value in values.values():
+        if type(value) not in _IMMUTABLE:
+            return (identity, baggage, values, origin)
+    sealed = pickle.dumps((identity, baggage, values, origin), PROTOCOL)
+    _last_context = (identity, baggage, values, origin, sealed)
+    return sealed
+
+
+_last_context: tuple[Any, ...] = (False, None, None, None, b"")  # no capture is False
+
+
+def context_fields(context: bytes | Context) -> Context:
+    """``(identity, baggage, values, origin)``, from a task's context field."""
+    return pickle.loads(context) if type(context) is bytes else context  # type: ignore[return-value]
 
 
 def opened(task: object) -> tuple[Any, ...]:
@@ -153,14 +191,15 @@ def plainly_sendable(envelope: tuple[Any, ...], main: bool = True) -> bool:
     itself checks before it sends a function by name. Anything else (say False) goes to
     the trial, which walks what is bigger in C, not here in Python.
     """
-    _, _, fn, args, kwargs, _, _, values, _, _ = envelope
+    _, _, fn, args, kwargs, _, context = envelope
     if type(fn) not in _NAMED or not _by_name(fn, main):
         return False
+    values = context[2] if type(context) is tuple else None  # sealed: atoms
     if not (args or kwargs or values):
         return True
     budget = [256]
     return (_plain(args, budget, main) and _plain(kwargs, budget, main)
-            and _plain(values, budget, main))
+            and (values is None or _plain(values, budget, main)))
 
 
 def _plain(obj: Any, budget: list[int], main: bool) -> bool:
@@ -334,6 +373,7 @@ def check_values(values: Mapping[str, object]) -> None:
 
 
 _ATOMS = frozenset({str, int, float, bool, type(None), bytes, bytearray})
+_IMMUTABLE = _ATOMS - {bytearray}
 
 
 # -- the eager path: a blob, made at submit -----------------------------------------------------

@@ -14,7 +14,11 @@ process and interpreter rows (a no-op task, a recording tracer provider, inside 
   ``run_detached`` of a sealed task against a bare call of the same function, measured
   inside each ``Interpreter.call`` of a stdlib interpreter pool: the first run in a call
   (what every real task pays: each call runs on a new thread state), and a second run
-  in the same call.
+  in the same call;
+* (3.14+) one whole call into a subinterpreter, as a pool's worker thread makes it, one
+  at a time on one thread, CPU per call: the stdlib's worker running the stdlib's task,
+  the stdlib's worker running propagate's task, and propagate's worker (which calls
+  ``run_detached`` without the stdlib's per-argument conversion) running it.
 
 Warm numbers are a lower bound: in a pool every part runs after the worker slept, on
 cold caches. A check fails on a wrong result, never on a slow machine.
@@ -33,6 +37,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 import timeit
 from concurrent.futures.process import _CallItem
@@ -121,6 +126,43 @@ def measure() -> dict[str, float]:
                     first for first, _ in runs)
                 rows[f"subinterpreter, {side}: second run, CPU us"] = statistics.median(
                     second for _, second in runs)
+        rows.update(whole_calls(sealed))
+    return rows
+
+
+def whole_calls(sealed: tuple[Any, ...]) -> dict[str, float]:
+    """CPU us per whole call into a subinterpreter, made by a pool's worker context."""
+    import propagate
+
+    sides = {"stdlib's worker, stdlib's task": (cf.InterpreterPoolExecutor,  # type: ignore[attr-defined]
+                                                os.getpid, ()),
+             "stdlib's worker, propagate's task": (cf.InterpreterPoolExecutor,  # type: ignore[attr-defined]
+                                                   run_detached, sealed),
+             "propagate's worker, propagate's task": (propagate.InterpreterPoolExecutor,
+                                                      run_detached, sealed)}
+    rows: dict[str, float] = {}
+
+    def run() -> None:  # on a thread of its own, as a pool's worker
+        for name, (pool, fn, args) in sides.items():
+            create, resolve = pool.prepare_context(None, ())
+            worker = create()
+            worker.initialize()
+            try:
+                task = resolve(fn, args, {})
+                assert worker.run(task) == os.getpid()
+                per_round = []
+                for _ in range(7):
+                    start = time.thread_time_ns()
+                    for _ in range(2000):
+                        worker.run(task)
+                    per_round.append((time.thread_time_ns() - start) / 2000 / 1000)
+            finally:
+                worker.finalize()
+            rows[f"subinterpreter call, {name}: CPU us"] = statistics.median(per_round)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
     return rows
 
 
@@ -136,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row, value in rows.items():
-        print(f"{row:<52} {value:>8}" if isinstance(value, int) else f"{row:<52} {value:>8.2f}")
+        print(f"{row:<64} {value:>8}" if isinstance(value, int) else f"{row:<64} {value:>8.2f}")
     print(f"\nPython {sys.version.split()[0]}, {os.cpu_count()} CPUs; warm rows: the best of "
-          "five runs; subinterpreter rows: medians of 2000 calls.")
+          "five runs; subinterpreter rows: medians of 2000 calls, or (whole calls) of 7 rounds "
+          "of 2000.")
     return 0
 
 

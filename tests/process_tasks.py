@@ -312,3 +312,26 @@ def raise_chained(name: str) -> None:
         raise ValueError("the cause")
     except ValueError as cause:
         raise TaskError("chained") from cause
+
+
+def templates() -> int:
+    """How many contexts this worker has made a template of (`_context.task_context`)."""
+    from propagate import _context
+    return len(_context._templates)
+
+
+def append_to_request(item: str) -> Any:
+    """Change the registered value in place (a list), and return it."""
+    value = REQUEST_ID.get()
+    value.append(item)  # type: ignore[attr-defined]
+    return value
+
+
+def mark_worker(value: str) -> None:
+    """An initializer that sets a variable in the worker's own context, for good."""
+    UNREGISTERED.set(value)
+
+
+def raise_unshareable(name: str) -> None:
+    """Raise an exception that cannot be pickled, having recorded no span."""
+    raise SpanThenUnpicklableError()

@@ -289,3 +289,74 @@ def test_register_non_contextvar_raises(bad):
     """I7: register() refuses anything but a ContextVar with TypeError."""
     with pytest.raises(TypeError, match="ContextVar"):
         propagate.register(bad)
+
+
+# the Context a detached task runs in (in the worker: here, in an empty Context, as there)
+
+
+def detached_task(fn: Any, values: dict[str, object], identity: Any = None) -> tuple[Any, ...]:
+    """A task as a worker receives it: its context sealed, sent from nowhere (no relay)."""
+    from propagate import _wire
+
+    return _wire.envelope(fn, (), {}, (None, 0, False, True),
+                          _wire.context(identity, {}, values, None))
+
+
+def run_in_worker(task: tuple[Any, ...]) -> Any:
+    from propagate._executor import run_detached
+
+    return contextvars.Context().run(run_detached, *task)  # a worker's context is empty
+
+
+def test_registering_a_stand_in_makes_the_templates_afresh():
+    """I1: a value that arrived before its variable was registered (a stand-in held it)
+    reaches the registered variable once its module registers it, with the same context."""
+    from propagate import _context
+
+    name = unique("late")
+    values = {name: "v"}
+    assert run_in_worker(detached_task(lambda: _context.lookup(name).get(), values)) == "v"
+    late = propagate.register(contextvars.ContextVar(name))
+    assert run_in_worker(detached_task(lambda: late.get(MISSING), values)) == "v"
+
+
+class _PerThread(otel_context.context._RuntimeContext):  # type: ignore[misc]
+    """A runtime context that keeps the current context per thread, not per Context."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._local = threading.local()
+
+    def attach(self, context: otel_context.Context) -> object:
+        previous = self.get_current()
+        self._local.current = context
+        return previous
+
+    def get_current(self) -> otel_context.Context:
+        return getattr(self._local, "current", otel_context.Context())
+
+    def detach(self, token: object) -> None:
+        self._local.current = token
+
+
+def test_a_runtime_context_kept_per_thread_is_entered_and_left(tracer):
+    """I4: with a runtime context not scoped by Contexts, each task enters its context and
+    leaves it, on this thread: nothing stays current after the task."""
+    from propagate import _otel
+
+    with tracer.start_as_current_span("request"):
+        identity = _otel.current_identity()
+    saved = otel_context._RUNTIME_CONTEXT
+    otel_context._RUNTIME_CONTEXT = _PerThread()
+    _otel.context_scoped.cache_clear()
+    try:
+        assert not _otel.context_scoped()
+        seen = run_in_worker(detached_task(span_ids, {}, identity))
+        after = span_ids()
+    finally:
+        otel_context._RUNTIME_CONTEXT = saved
+        _otel.context_scoped.cache_clear()
+    assert seen == (identity[0], identity[1], True)
+    assert after == (0, 0, False)
+    assert _otel.context_scoped()

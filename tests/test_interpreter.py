@@ -226,6 +226,33 @@ def test_exception_arrives_unchanged_with_its_spans(
     assert [s.name for s in exporter.get_finished_spans()].count("failing") == 1
 
 
+@pytest.mark.parametrize("task", [pt.fail_after_span, pt.raise_unshareable],
+                         ids=["shareable", "not-shareable"])
+def test_a_failure_reaches_the_future_as_with_the_stdlibs(pool: cf.Executor,
+                                                          task: Any) -> None:
+    """I7: propagate's workers call the task without the stdlib's per-argument conversion,
+    and an exception still arrives as with the stdlib's pool: the same type, raised from
+    the same ``ExecutionFailed``, or that alone when the exception cannot be shared."""
+    with cf.InterpreterPoolExecutor(1) as stdlib:  # type: ignore[attr-defined]
+        expected = stdlib.submit(task, "failing").exception(timeout=WAIT)
+    error = pool.submit(task, "failing").exception(timeout=WAIT)
+    assert expected is not None and error is not None
+    assert type(error) is type(expected), (causes(error), causes(expected))
+    assert type(error.__cause__) is type(expected.__cause__)
+    assert str(error).splitlines()[0] == str(expected).splitlines()[0]  # then tracebacks
+    assert pool.submit(pt.square, 3).result(timeout=WAIT) == 9  # the pool is fine
+
+
+def test_an_exception_that_cannot_be_shared_fails_and_its_spans_arrive(
+        pool: cf.Executor, exporter: InMemorySpanExporter) -> None:
+    """I6: where the stdlib's pool would give only ``ExecutionFailed`` (the exception cannot
+    be shared), spans would be lost with it: the pickler's own error goes instead,
+    naming what could not be sent, as from a process pool, and carries them home once."""
+    with pytest.raises(TypeError, match="lock"):
+        pool.submit(pt.raise_unpicklable, "kept").result(timeout=WAIT)
+    assert [s.name for s in exporter.get_finished_spans()].count("kept") == 1
+
+
 def test_nothing_leaks_between_tasks(tracer: trace.Tracer) -> None:
     """I2: what one task sets is gone for the next task in the same subinterpreter."""
     with propagate.InterpreterPoolExecutor(1) as pool:

@@ -152,6 +152,51 @@ def test_max_workers_checked_as_the_stdlib_does() -> None:
         propagate.ProcessPoolExecutor(max_workers=0)
 
 
+def test_tasks_of_one_request_share_a_template_and_nothing_leaks(
+        mp_context: BaseContext, tracer: trace.Tracer) -> None:
+    """I2: tasks of one request run in copies of one Context the worker made for them: what
+    one sets (variables, the current span, baggage) the next of that request does not see."""
+    with propagate.ProcessPoolExecutor(1, mp_context) as pool:
+        before = pool.submit(pt.templates).result(timeout=TIMEOUT)  # a fork inherits some
+        with tracer.start_as_current_span("request"), with_baggage(user="alice"), \
+                setvar(REQUEST_ID, "req-1"):
+            ids = current_ids()
+            leaked = pool.submit(pt.leak).result(timeout=TIMEOUT)
+            after = pool.submit(pt.observe).result(timeout=TIMEOUT)
+            made = pool.submit(pt.templates).result(timeout=TIMEOUT) - before
+    assert made == 1  # one for the request, shared by its three tasks
+    assert (leaked["request_id"], leaked["baggage"]["leaked"]) == ("leaked", "yes")
+    assert after["pid"] == leaked["pid"]
+    assert (after["trace_id"], after["span_id"]) == ids
+    assert (after["request_id"], after["unregistered"]) == ("req-1", "default")
+    assert after["baggage"] == {"user": "alice"}
+
+
+def test_a_mutable_registered_value_is_each_tasks_own(mp_context: BaseContext) -> None:
+    """I2: a registered value that can change (a list) is never shared by two tasks."""
+    with propagate.ProcessPoolExecutor(1, mp_context) as pool, \
+            setvar(REQUEST_ID, ["a"]):  # type: ignore[arg-type]
+        seen = [pool.submit(pt.append_to_request, "x").result(timeout=TIMEOUT)
+                for _ in range(3)]
+    assert seen == [["a", "x"]] * 3
+    assert REQUEST_ID.get() == "unset"
+
+
+def test_a_worker_context_set_by_the_initializer_is_seen_with_the_request(
+        mp_context: BaseContext, tracer: trace.Tracer) -> None:
+    """I1: where the worker's own context holds something (set by an initializer), each
+    task runs in a copy of it, with the request's context entered over it."""
+    with propagate.ProcessPoolExecutor(1, mp_context, pt.mark_worker, ("worker",)) as pool, \
+            tracer.start_as_current_span("request"), setvar(REQUEST_ID, "req-2"):
+        ids = current_ids()
+        before = pool.submit(pt.templates).result(timeout=TIMEOUT)
+        seen = [pool.submit(pt.observe).result(timeout=TIMEOUT) for _ in range(2)]
+        assert pool.submit(pt.templates).result(timeout=TIMEOUT) == before  # entered, each
+    for one in seen:
+        assert (one["request_id"], one["unregistered"]) == ("req-2", "worker")
+        assert (one["trace_id"], one["span_id"]) == ids
+
+
 def test_initializer_and_initargs(mp_context: BaseContext) -> None:
     """I1: positional initializer and initargs run in each worker; tasks still get the context."""
     with propagate.ProcessPoolExecutor(1, mp_context, pt.initialize, ("ready",)) as pool, \
@@ -743,7 +788,7 @@ def test_worker_provider_with_its_own_active_processor_runs_tasks(
 def test_pending_tasks_of_one_context_share_its_fields(tracer: trace.Tracer) -> None:
     """A pending task holds one tuple more than the stdlib's: its envelope, spread as the
     call's arguments. What it shares with the other tasks of its context (the empty kwargs,
-    identity, baggage, registered values, task fields, origin) is one object for all."""
+    the task fields, the sealed context) is one object for all."""
     options = Options.checked()
     with tracer.start_as_current_span("submitter"), with_baggage(user="alice"):
         calls = [bind_detached(pt.square, (i,), {}, options) for i in range(3)]
@@ -753,9 +798,9 @@ def test_pending_tasks_of_one_context_share_its_fields(tracer: trace.Tracer) -> 
     assert [call for call, _, _ in calls] == [run_detached] * 3
     assert first[:2] == (_wire.WIRE, propagate.__version__) and first[3] == (0,)
     for _, other, _ in calls[1:]:
-        assert all(other[i] is first[i] for i in range(4, 10)), other
-    assert first[7] == {} and valued[0][1][7] == {REQUEST_ID.name: "req-1"}
-    assert valued[0][1][7] is not valued[1][1][7]  # values set there are the task's own
+        assert all(other[i] is first[i] for i in range(4, 7)), other
+    assert type(first[6]) is bytes and _wire.context_fields(first[6])[2] == {}
+    assert _wire.context_fields(valued[0][1][6])[2] == {REQUEST_ID.name: "req-1"}
     assert run_detached(*pickle.loads(ForkingPickler.dumps(calls[2][1]))) == 4  # spread: runs
 
 

@@ -21,7 +21,8 @@ from tests import process_tasks as pt
 
 def envelope(fn: Callable[..., Any], *args: Any, values: dict[str, object] | None = None,
              **kwargs: Any) -> tuple[Any, ...]:
-    return _wire.envelope(fn, args, kwargs, None, {}, values or {}, (None, 0, False, True), None)
+    return _wire.envelope(fn, args, kwargs, (None, 0, False, True),
+                          _wire.context(None, {}, values or {}, None))
 
 
 def local_function() -> Callable[[], None]:
