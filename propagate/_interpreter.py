@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _private
 from ._executor import (
+    INHERITS,
     Binding,
     Options,
     bind_detached,
@@ -75,4 +76,7 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
-        return submit_from_empty_context(super().submit, call, *call_args)
+        if INHERITS:  # Python 3.14's flag: see submit_from_empty_context
+            return submit_from_empty_context(super().submit, call, *call_args)
+        future: cf.Future[T] = super().submit(call, *call_args)
+        return future

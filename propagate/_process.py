@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import multiprocessing
 import sys
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._executor import Binding, Options, bind_detached, submit_from_empty_context
+from ._executor import INHERITS, Binding, Options, bind_detached, submit_from_empty_context
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -61,7 +62,15 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor, Binding):
             super().__init__(max_workers, mp_context, initializer, initargs,
                              max_tasks_per_child=max_tasks_per_child)
         self._propagate = Options.checked(task_spans, link, relay)
+        if mp_context is None:  # the stdlib's choice, made in its __init__ just now
+            mp_context = multiprocessing.get_context(
+                None if max_tasks_per_child is None else "spawn")
+        # What submit() starts that would keep the submitter's context: a worker forked
+        # there, and (under thread_inherit_context) the pool's manager thread.
+        self._starts_heirs = INHERITS or mp_context.get_start_method() == "fork"
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
         call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
-        return submit_from_empty_context(super().submit, call, *call_args)
+        if self._starts_heirs:
+            return submit_from_empty_context(super().submit, call, *call_args)
+        return super().submit(call, *call_args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -16,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from contextvars import ContextVar
@@ -268,6 +270,26 @@ def test_worker_forked_by_submit_inherits_nothing(mp_context: BaseContext) -> No
     with propagate.ProcessPoolExecutor(1, mp_context) as pool, setvar(UNREGISTERED, "mine"):
         got = pool.submit(pt.observe).result(timeout=TIMEOUT)
     assert got["unregistered"] == "default"
+
+
+class _Payload:
+    """Something only the submitter's context refers to."""
+
+
+def test_no_reference_held_after_the_task(mp_context: BaseContext) -> None:
+    """I5: nothing the first submit starts (workers, the pool's threads) keeps the
+    submitter's context alive (under 3.14's thread_inherit_context, threads started in
+    submit would copy it)."""
+    var: ContextVar[_Payload] = ContextVar("test_process.payload")
+    payload = _Payload()
+    ref = weakref.ref(payload)
+    with propagate.ProcessPoolExecutor(1, mp_context) as pool:
+        token = var.set(payload)
+        pool.submit(pt.square, 1).result(timeout=TIMEOUT)
+        var.reset(token)
+        del payload, token
+        gc.collect()
+        assert ref() is None
 
 
 def test_lambdas_closures_and_local_functions(pool: propagate.ProcessPoolExecutor) -> None:
