@@ -7,7 +7,7 @@ import concurrent.futures as cf
 import functools
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from . import _private
 from ._executor import (
@@ -19,10 +19,7 @@ from ._executor import (
 )
 from ._thread import ThreadPoolExecutor
 
-if TYPE_CHECKING:
-    from typing_extensions import ParamSpec
-
-    P = ParamSpec("P")
+P = ParamSpec("P")
 
 T = TypeVar("T")
 _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecutor] = (

@@ -22,14 +22,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from . import _context, _otel, _private, _span, _switch, _wire
 
-if TYPE_CHECKING:
-    from typing_extensions import ParamSpec
-
-    P = ParamSpec("P")
+P = ParamSpec("P")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -311,7 +308,7 @@ class WrappedExecutor(cf.Executor, Binding):
         self._propagate = options
         threads = in_process_threads(executor)
         self._bind = bind_snapshot if threads else bind_detached
-        self._starts_workers = isinstance(executor, cf.ProcessPoolExecutor) or (
+        self._starts_workers = is_process_pool(executor) or (
             INHERITS and isinstance(executor, cf.ThreadPoolExecutor))
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
@@ -337,11 +334,24 @@ def in_process_threads(executor: cf.Executor) -> bool:
     task in a subinterpreter: the task is pickled there, so it needs a detached context.
     """
     return (isinstance(executor, cf.ThreadPoolExecutor)
-            and not isinstance(executor, _INTERPRETER_POOLS))
+            and not is_interpreter_pool(executor))
 
 
-_INTERPRETER_POOLS: tuple[type, ...] = tuple(
-    [cf.InterpreterPoolExecutor] if hasattr(cf, "InterpreterPoolExecutor") else [])
+def is_process_pool(executor: object) -> bool:
+    """Whether ``executor`` is a ``concurrent.futures.ProcessPoolExecutor``."""
+    return _is_a(executor, "concurrent.futures.process", "ProcessPoolExecutor")
+
+
+def is_interpreter_pool(executor: object) -> bool:
+    """Whether ``executor`` is a ``concurrent.futures.InterpreterPoolExecutor`` (3.14+)."""
+    return _is_a(executor, "concurrent.futures.interpreter", "InterpreterPoolExecutor")
+
+
+def _is_a(executor: object, module: str, name: str) -> bool:
+    """Asked of the module only if it was imported: if not, nothing can be an instance (and
+    ``concurrent.futures.ProcessPoolExecutor`` would import multiprocessing to say so)."""
+    kind = getattr(sys.modules.get(module), name, None)
+    return kind is not None and isinstance(executor, kind)
 
 
 def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool = False,
@@ -368,8 +378,8 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
     """
     if not isinstance(executor, cf.Executor):
         raise TypeError(f"wrap_executor() takes a concurrent.futures.Executor, not {executor!r}")
-    interpreters = isinstance(executor, _INTERPRETER_POOLS)
-    stdlib_pickles = interpreters or isinstance(executor, cf.ProcessPoolExecutor)
+    interpreters = is_interpreter_pool(executor)
+    stdlib_pickles = interpreters or is_process_pool(executor)
     options = Options.checked(task_spans, link, relay, main_by_value=not stdlib_pickles,
                               subinterpreters=interpreters)
     if isinstance(executor, Binding):  # binds already: wrapping again would bind twice

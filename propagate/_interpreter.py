@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from . import _private
 from ._executor import (
@@ -17,10 +17,7 @@ from ._executor import (
     submit_from_empty_context,
 )
 
-if TYPE_CHECKING:
-    from typing_extensions import ParamSpec
-
-    P = ParamSpec("P")
+P = ParamSpec("P")
 
 T = TypeVar("T")
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
-from opentelemetry import propagate as otel_propagate
 from opentelemetry import trace
 from opentelemetry.trace import (
     INVALID_SPAN_CONTEXT,
@@ -124,6 +123,8 @@ def context_scoped() -> bool:
 
 
 def inject(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> dict[str, str]:
+    from opentelemetry import propagate as otel_propagate  # loads the propagators: on use
+
     carrier: dict[str, str] = {}
     otel_propagate.inject(carrier, context=build(identity, baggage))
     return carrier
@@ -131,6 +132,8 @@ def inject(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> dict
 
 def extract(carrier: Mapping[str, str]) -> tuple[SpanIdentity | None, dict[str, object]]:
     """Read a carrier; anything malformed gives no parent rather than an exception."""
+    from opentelemetry import propagate as otel_propagate
+
     try:
         ctx = otel_propagate.extract(dict(carrier))
         sc = trace.get_current_span(ctx).get_span_context()

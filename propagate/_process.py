@@ -7,14 +7,11 @@ import multiprocessing
 import sys
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from ._executor import INHERITS, Binding, Options, bind_detached, submit_from_empty_context
 
-if TYPE_CHECKING:
-    from typing_extensions import ParamSpec
-
-    P = ParamSpec("P")
+P = ParamSpec("P")
 
 T = TypeVar("T")
 

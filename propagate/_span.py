@@ -21,7 +21,6 @@ attempted:
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import contextvars
@@ -36,7 +35,7 @@ import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -44,6 +43,9 @@ from opentelemetry.trace import Span
 
 from . import _otel, _private
 from ._errors import CrossThreadExitWarning
+
+if TYPE_CHECKING:
+    import asyncio
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,10 +92,14 @@ def _ended(here: Life, future: object) -> None:
 
 
 def _current_task() -> asyncio.Task[Any] | None:
+    running = sys.modules.get("asyncio")  # not imported: no task can be running
+    if running is None:
+        return None
     try:
-        return asyncio.current_task()
+        task: asyncio.Task[Any] | None = running.current_task()
     except RuntimeError:  # no running loop in this thread
         return None
+    return task
 
 
 def _describe(thread: threading.Thread, task: asyncio.Task[Any] | None) -> str:

@@ -6,7 +6,7 @@ import concurrent.futures as cf
 import functools
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from . import _private, _switch
 from ._executor import (
@@ -20,10 +20,7 @@ from ._executor import (
     submit_from_empty_context,
 )
 
-if TYPE_CHECKING:
-    from typing_extensions import ParamSpec
-
-    P = ParamSpec("P")
+P = ParamSpec("P")
 
 T = TypeVar("T")
 

@@ -38,6 +38,7 @@ using a module-level ``tracer = trace.get_tracer(__name__)`` can be sent.
 from __future__ import annotations
 
 import copyreg
+import functools
 import io
 import pickle
 import reprlib
@@ -48,8 +49,6 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from types import BuiltinFunctionType, FunctionType
 from typing import Any
-
-import cloudpickle
 
 from . import _context, _private
 from ._errors import ContextSerializationError, TaskSerializationError
@@ -329,28 +328,36 @@ def _named(exc: Exception, fn: Callable[..., Any]) -> Exception:
 # -- cloudpickle, with what it must know besides ------------------------------------------------
 
 
-class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
-    """cloudpickle, plus multiprocessing's reducers, registered ContextVars and tracers."""
+@functools.cache
+def _pickler() -> Any:
+    """cloudpickle, plus multiprocessing's reducers, registered ContextVars and tracers.
 
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, ContextVar):
-            if _context.registered().get(obj.name) is not obj:
-                raise TypeError(
-                    f"ContextVar {obj.name!r} cannot cross to another process; "
-                    "register it with propagate.register(var) so it travels by name")
-            return _context.lookup, (obj.name,)
-        by_reference = _private.otel_by_reference(obj)
-        if by_reference is not None:
-            return by_reference
-        reducer = _private.forking_reducers().get(type(obj))
-        if reducer is not None:
-            return reducer(obj)
-        return super().reducer_override(obj)
+    Made on first use: cloudpickle is imported only when something needs it.
+    """
+    import cloudpickle
+
+    class Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, ContextVar):
+                if _context.registered().get(obj.name) is not obj:
+                    raise TypeError(
+                        f"ContextVar {obj.name!r} cannot cross to another process; "
+                        "register it with propagate.register(var) so it travels by name")
+                return _context.lookup, (obj.name,)
+            by_reference = _private.otel_by_reference(obj)
+            if by_reference is not None:
+                return by_reference
+            reducer = _private.forking_reducers().get(type(obj))
+            if reducer is not None:
+                return reducer(obj)
+            return super().reducer_override(obj)
+
+    return Pickler
 
 
 def _cloudpickle(obj: Any) -> bytes:
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=PROTOCOL).dump(obj)
+    _pickler()(buffer, protocol=PROTOCOL).dump(obj)
     return buffer.getvalue()
 
 

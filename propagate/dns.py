@@ -32,9 +32,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -44,22 +44,25 @@ from ._errors import PropagateError
 from ._slots import Slots
 from ._thread import ThreadPoolExecutor
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import TypeAlias
+# At run time too, so that typing.get_type_hints() can read the signatures below.
+Host: TypeAlias = bytes | str | None
+Port: TypeAlias = bytes | str | int | None
+# family, type, proto, canonname, sockaddr: what socket.getaddrinfo returns
+AddrInfo: TypeAlias = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+GetAddrInfo: TypeAlias = Callable[[Host, Port, int, int, int, int], Sequence[AddrInfo]]
 
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
+if TYPE_CHECKING:
     from aiohttp.abc import AbstractResolver as _ResolverBase
     from aiohttp.abc import ResolveResult
     from opentelemetry.util.types import AttributeValue
-    from typing_extensions import Self
-
-    Host: TypeAlias = bytes | str | None
-    Port: TypeAlias = bytes | str | int | None
-    # family, type, proto, canonname, sockaddr: what socket.getaddrinfo returns
-    AddrInfo: TypeAlias = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
-    GetAddrInfo: TypeAlias = Callable[[Host, Port, int, int, int, int], Sequence[AddrInfo]]
 else:
     _ResolverBase = object  # aiohttp is imported when an AiohttpResolver is made, not before
+    ResolveResult = dict  # aiohttp's is a TypedDict: at run time, a dict
 
 __all__ = ["AiohttpResolver", "LookupTimeout", "Resolver", "getaddrinfo", "resolve"]
 

@@ -9,6 +9,7 @@ reports the per-task median of each and the median of the per-round ratios B/A.
     python stress/bench.py --only threads,span
     python stress/bench.py --only processes --rounds 63   # a narrower median, slowly
     python stress/bench.py --only big   # big arguments: time and the parent's peak memory
+    python stress/bench.py --only import   # import propagate against OpenTelemetry's API
 """
 
 from __future__ import annotations
@@ -186,6 +187,31 @@ def bench_big(rounds: int, n: int) -> dict[str, dict[str, float]]:
     return bench(rounds=min(rounds, 9))
 
 
+def bench_import(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    """``import propagate`` and its core (a thread pool's first use) in a fresh interpreter,
+    against importing OpenTelemetry's API alone (what the core needs of it): each side a
+    new ``python -c``, so the interpreter's own start is in both, and propagate's own cost
+    is the difference. ``import propagate`` alone loads nothing more (tests/test_init.py)."""
+    import subprocess
+
+    here = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))}  # this checkout's propagate, as in this process
+
+    def timed(code: str) -> Timed:
+        def run(k: int) -> float:
+            start = time.perf_counter()
+            for _ in range(k):
+                subprocess.run([sys.executable, "-c", code], check=True, env=here)
+            return time.perf_counter() - start
+
+        return run
+
+    otel = "import opentelemetry.trace, opentelemetry.context, opentelemetry.baggage"
+    core = "import propagate; propagate.ThreadPoolExecutor"
+    return {"import: propagate's core (vs OpenTelemetry's API)": paired(
+        timed(otel), timed(core), rounds, max(2, n // 400))}
+
+
 def bench_dask(rounds: int, n: int) -> dict[str, dict[str, float]]:
     from bench_dask import bench  # type: ignore[import-not-found]
 
@@ -194,7 +220,8 @@ def bench_dask(rounds: int, n: int) -> dict[str, dict[str, float]]:
 
 ROWS = {"threads": bench_threads, "processes": bench_processes,
         "interpreters": bench_interpreters, "to_thread": bench_to_thread,
-        "span": bench_span, "dns": bench_dns, "dask": bench_dask, "big": bench_big}
+        "span": bench_span, "dns": bench_dns, "dask": bench_dask, "big": bench_big,
+        "import": bench_import}
 TARGETS = {"threads": 1.03, "processes, relay on": 1.10, "interpreters, relay on": 1.10,
            "to_thread": 1.05, "span": 1.10,
            "dns": 1.10, "dask executor": 1.10,

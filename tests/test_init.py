@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
+import subprocess
+import sys
 import types
 from typing import Any
 
@@ -124,3 +127,90 @@ def test_wrapper_docstrings_say_like():
     unlike = [name for name in wrappers
               if not (inspect.getdoc(getattr(propagate, name)) or "").startswith("Like ")]
     assert unlike == []
+
+
+# What `import propagate` loads: nothing until a name is used, then what that name needs
+CORE = {
+    "propagate", "propagate._context", "propagate._errors", "propagate._executor",
+    "propagate._otel", "propagate._private", "propagate._span", "propagate._switch",
+    "propagate._thread", "propagate._version", "propagate._wire",
+}
+NOT_UNTIL_USED = ["asyncio", "socket", "ssl", "selectors", "multiprocessing", "subprocess",
+                  "cloudpickle", "concurrent.futures.process", "concurrent.interpreters",
+                  "opentelemetry.propagate", "opentelemetry.sdk"]
+
+
+def modules_after(code: str) -> set[str]:
+    """The modules loaded in a fresh interpreter after running ``code``."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
+        capture_output=True, text=True, timeout=60, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def heavy(loaded: set[str]) -> list[str]:
+    return [m for m in NOT_UNTIL_USED if any(x == m or x.startswith(m + ".") for x in loaded)]
+
+
+@pytest.mark.parametrize("code", ["import propagate", "import propagate.pytest_plugin"])
+def test_import_loads_nothing_until_a_name_is_used(code):
+    """API: ``import propagate``, and the pytest plugin every pytest run here loads, load
+    neither OpenTelemetry nor any of propagate's modules but the errors and the version."""
+    loaded = modules_after(code)
+    assert {m for m in loaded if m.split(".")[0] == "propagate"} - {
+        "propagate.pytest_plugin"} == {"propagate", "propagate._errors", "propagate._version"}
+    assert [m for m in loaded if m.split(".")[0] == "opentelemetry"] == []
+    assert heavy(loaded - modules_after("import pytest" if "plugin" in code else "")) == []
+
+
+def test_the_core_loads_only_the_core():
+    """API: using a thread pool loads the core, and none of asyncio, sockets,
+    multiprocessing, cloudpickle, OpenTelemetry's propagators or SDK, debug or dns."""
+    loaded = modules_after("import propagate\npropagate.ThreadPoolExecutor(1).shutdown()")
+    assert {m for m in loaded if m.split(".")[0] == "propagate"} == CORE
+    otel = modules_after("import opentelemetry.trace, opentelemetry.context, opentelemetry.baggage")
+    assert heavy(loaded - otel) == []  # (on 3.10 the API's own uuid import loads subprocess)
+
+
+@pytest.mark.parametrize("name", sorted(propagate._LAZY))
+def test_each_name_is_what_its_module_defines(name):
+    """API: a name imported on first use is the object its module defines, and loads it."""
+    where = propagate._LAZY[name]
+    module = f"propagate.{name}" if where is None else f"propagate{where}"
+    assert module in modules_after(f"import propagate\nassert propagate.{name} is not None")
+    found = importlib.import_module(module)
+    assert getattr(propagate, name) is (found if where is None else getattr(found, name))
+
+
+def public_callables() -> list[tuple[str, Any]]:
+    """Every public function and method of the API, and of its public submodules."""
+    found: list[tuple[str, Any]] = []
+
+    def add(prefix: str, obj: Any) -> None:
+        if inspect.isclass(obj):
+            found.extend((f"{prefix}.{name}", member) for name, member in vars(obj).items()
+                         if inspect.isfunction(member) and (
+                             not name.startswith("_") or name.endswith("__")))
+        elif callable(obj):
+            found.append((prefix, obj))
+
+    for name in propagate.__all__:
+        obj = getattr(propagate, name)
+        if inspect.ismodule(obj):
+            for inner in getattr(obj, "__all__", []):
+                add(f"{name}.{inner}", getattr(obj, inner))
+        else:
+            add(name, obj)
+    return found
+
+
+CALLABLES = public_callables()
+
+
+@pytest.mark.parametrize("obj", [obj for _, obj in CALLABLES], ids=[n for n, _ in CALLABLES])
+def test_type_hints_resolve_at_run_time(obj):
+    """API: every public signature's annotations resolve at run time (typing.get_type_hints),
+    as they do for a type checker: no name exists only under TYPE_CHECKING."""
+    import typing
+
+    typing.get_type_hints(obj)
