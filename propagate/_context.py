@@ -222,7 +222,7 @@ def task_context(context: object) -> tuple[contextvars.Context, Any] | None:
     made = _templates.get(context)
     if made is None:
         identity, baggage, values, origin = pickle.loads(context)
-        here.run(_enter_for_good, identity, baggage, values)
+        here.run(enter, identity, baggage, values)  # never left: the template ends unused
         if len(_templates) >= 64:  # one per request in flight: a few
             _templates.clear()
         made = _templates[context] = (here, origin)
@@ -231,14 +231,6 @@ def task_context(context: object) -> tuple[contextvars.Context, Any] | None:
 
 
 _templates: dict[bytes, tuple[contextvars.Context, Any]] = {}
-
-
-def _enter_for_good(identity: _otel.SpanIdentity | None, baggage: Mapping[str, object],
-                    values: Mapping[str, object]) -> None:
-    """`enter`, in a Context made for it and never left."""
-    _otel.attach(_otel.build(identity, baggage))
-    for name, value in values.items():
-        lookup(name).set(value)
 
 
 def enter(identity: _otel.SpanIdentity | None, baggage: Mapping[str, object],

@@ -63,11 +63,11 @@ def envelope(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     return (WIRE, __version__, fn, args, kwargs, task, context)
 
 
-Context = tuple[Any, Any, Mapping[str, object], Any]  # identity, baggage, values, origin
+ContextFields = tuple[Any, Any, Mapping[str, object], Any]  # identity, baggage, values, origin
 
 
 def context(identity: Any, baggage: Mapping[str, object], values: Mapping[str, object],
-            origin: Any) -> bytes | Context:
+            origin: Any) -> bytes | ContextFields:
     """A task's context field: sealed (plain pickle's bytes) if its values are immutable atoms.
 
     Captures of one request give the same objects (`_otel.current_fields`, the shared
@@ -91,7 +91,7 @@ def context(identity: Any, baggage: Mapping[str, object], values: Mapping[str, o
 _last_context: tuple[Any, ...] = (False, None, None, None, b"")  # no capture is False
 
 
-def context_fields(context: bytes | Context) -> Context:
+def context_fields(context: bytes | ContextFields) -> ContextFields:
     """``(identity, baggage, values, origin)``, from a task's context field."""
     return pickle.loads(context) if type(context) is bytes else context  # type: ignore[return-value]
 
