@@ -7,6 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m propagate`` with ``argv`` (else the command line's); the exit code."""
     parser = argparse.ArgumentParser(prog="python -m propagate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run one request and print its span tree")
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         from ._demo import main as demo_main
 
         return demo_main(stdlib=args.stdlib, as_json_output=args.json)
-    from ._doctor import main as doctor_main
+    from .debug._doctor import main as doctor_main
 
     return doctor_main()
 

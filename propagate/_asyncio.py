@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import functools
+import sys
 import weakref
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from . import _private
 from ._executor import (
@@ -19,7 +20,13 @@ from ._executor import (
 )
 from ._thread import ThreadPoolExecutor
 
+if sys.version_info >= (3, 11):
+    from typing import TypeVarTuple, Unpack
+else:
+    from typing_extensions import TypeVarTuple, Unpack
+
 P = ParamSpec("P")
+Ts = TypeVarTuple("Ts")
 
 T = TypeVar("T")
 _installed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadPoolExecutor] = (
@@ -54,13 +61,28 @@ async def run_in_executor(executor: cf.Executor | None, fn: Callable[P, T], /,
     return await _schedule(executor, fn, args, kwargs)
 
 
-async def to_thread(fn: Callable[..., T], /, *args: Any, executor: cf.Executor | None = None,
-                    **kwargs: Any) -> T:
+# Two signatures, since PEP 612 allows no keyword-only parameter (``executor``) beside
+# ``P.kwargs``: positional arguments with or without an executor, or keyword arguments
+# without one. Both check ``fn``'s arguments; keywords *and* an executor together are
+# refused by a type checker, though they work: run_in_executor checks that form.
+@overload
+async def to_thread(fn: Callable[[Unpack[Ts]], T], /, *args: Unpack[Ts],
+                    executor: cf.Executor | None = None) -> T: ...
+@overload
+async def to_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+
+async def to_thread(  # type: ignore[misc]  # mypy cannot match Unpack[Ts] to *args: Any
+        fn: Callable[..., T], /, *args: Any, executor: cf.Executor | None = None,
+        **kwargs: Any) -> T:
     """Like `asyncio.to_thread`, but any executor may be given.
 
     Without ``executor`` it runs in the loop's default executor, in a snapshot of the
     caller's context, exactly as ``asyncio.to_thread`` does; with one it behaves as
-    `run_in_executor`.
+    `run_in_executor`. A type checker checks ``fn``'s arguments, as for
+    ``asyncio.to_thread``; it refuses keyword arguments for ``fn`` together with
+    ``executor`` (PEP 612 has no way to type both): for that form, write
+    ``run_in_executor(executor, fn, *args, **kwargs)``, which it checks.
     """
     return await _schedule(executor, fn, args, kwargs)
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from . import _otel, _switch
 from ._errors import ContextSerializationError
@@ -32,7 +32,7 @@ _NO_VALUES: dict[str, object] = {}  # every capture's when none is registered: n
 def register(var: ContextVar[T]) -> ContextVar[T]:
     """Carry ``var`` across processes: its value travels with every task, by name.
 
-    Returns ``var``, so it can wrap the declaration::
+    Returns ``var``, so it can wrap the declaration:
 
         REQUEST_ID = propagate.register(ContextVar("request_id"))
 
@@ -145,7 +145,7 @@ class DetachedContext:
         return (self._identity, self._baggage, self._values) == (
             other._identity, other._baggage, other._values)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]  # equal by value, mutable values
 
     def __repr__(self) -> str:
         ids = "no parent" if self._identity is None else (

@@ -72,6 +72,7 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
         return super().prepare_context(initializer, initargs) if direct is None else direct
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
+        """Like ``Executor.submit``: ``fn(*args, **kwargs)`` runs with the caller's context."""
         call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
         if INHERITS:  # Python 3.14's flag: see submit_from_empty_context
             return submit_from_empty_context(super().submit, call, *call_args)

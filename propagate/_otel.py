@@ -1,8 +1,13 @@
 """Everything propagate asks of the OpenTelemetry API, in one place.
 
-Trace identity travels as a plain tuple, ``(trace_id, span_id, trace_flags, tracestate)``
-with ``tracestate`` a tuple of pairs, because it pickles in microseconds and holds no
-OpenTelemetry object.
+Every span propagate makes lives through the functions here: `start` begins it, `running`
+makes it current for a block, records how the block failed and ends it, `current` makes it
+current for one step (a generator's), and `fail` is the one rule for marking a span with
+an exception, wherever it ends. A span identity, wherever it travels (a task's context,
+a carrier, the relay's rebuilt spans), is `SpanIdentity`: ``(trace_id, span_id,
+trace_flags, tracestate)`` with ``tracestate`` a tuple of pairs, because it pickles in
+microseconds and holds no OpenTelemetry object. The SDK side (the relay) is in `_relay`,
+the SDK's private attributes in `_private`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from opentelemetry import baggage as otel_baggage
@@ -23,13 +28,14 @@ from opentelemetry.trace import (
     INVALID_SPAN_CONTEXT,
     Link,
     NonRecordingSpan,
-    Span,
     SpanContext,
     Status,
     StatusCode,
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace import Span as Span  # re-exported: what propagate's scopes return
+from opentelemetry.util.types import AttributeValue as AttributeValue  # and its attributes
 
 SpanIdentity = tuple[int, int, int, tuple[tuple[str, str], ...]]
 Token = object
@@ -38,12 +44,22 @@ TRACER = trace.get_tracer("propagate")
 _EMPTY: otel_context.Context = otel_context.Context()
 
 
+def identity(sc: SpanContext) -> SpanIdentity:
+    """``sc`` as a `SpanIdentity`: the one encoding of a span's identity."""
+    return (sc.trace_id, sc.span_id, int(sc.trace_flags), tuple(sc.trace_state.items()))
+
+
+def span_context(identity: SpanIdentity, remote: bool = True) -> SpanContext:
+    """The `SpanContext` a `SpanIdentity` encodes; ``remote`` unless said otherwise."""
+    trace_id, span_id, flags, state = identity
+    return SpanContext(trace_id, span_id, is_remote=remote, trace_flags=TraceFlags(flags),
+                       trace_state=TraceState(list(state)))
+
+
 def current_identity(ctx: otel_context.Context | None = None) -> SpanIdentity | None:
     """The current span's identity (in ``ctx``, else now), or None when it is not valid."""
     sc = trace.get_current_span(ctx).get_span_context()
-    if not sc.is_valid:
-        return None
-    return (sc.trace_id, sc.span_id, int(sc.trace_flags), tuple(sc.trace_state.items()))
+    return identity(sc) if sc.is_valid else None
 
 
 def current_fields() -> tuple[SpanIdentity | None, dict[str, object]]:
@@ -67,12 +83,6 @@ def current_fields() -> tuple[SpanIdentity | None, dict[str, object]]:
 _fields_of: tuple[Any, SpanIdentity | None, dict[str, object]] = (None, None, {})
 
 
-def span_context(identity: SpanIdentity) -> SpanContext:
-    trace_id, span_id, flags, state = identity
-    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags),
-                       trace_state=TraceState(list(state)))
-
-
 _last: tuple[object, otel_context.Context] = ((), _EMPTY)  # tasks of one request share one
 
 
@@ -92,9 +102,15 @@ def build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel_
 
 
 def _build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel_context.Context:
+    return parent_context(None if identity is None else span_context(identity), baggage)
+
+
+def parent_context(parent: SpanContext | None,
+                   baggage: Mapping[str, object]) -> otel_context.Context:
+    """A Context holding ``parent`` (as a non-recording span) and ``baggage``, and nothing else."""
     ctx = _EMPTY
-    if identity is not None:
-        ctx = trace.set_span_in_context(NonRecordingSpan(span_context(identity)), ctx)
+    if parent is not None:
+        ctx = trace.set_span_in_context(NonRecordingSpan(parent), ctx)
     for key, value in baggage.items():
         ctx = otel_baggage.set_baggage(key, value, ctx)
     return ctx
@@ -103,6 +119,7 @@ def _build(identity: SpanIdentity | None, baggage: Mapping[str, object]) -> otel
 # The API's own functions, not wrappers: a worker runs them once per task, on a cold cache.
 attach: Callable[[otel_context.Context], Token] = otel_context.attach
 detach: Callable[[Token], None] = otel_context.detach  # type: ignore[assignment]
+get_current: Callable[[], otel_context.Context] = otel_context.get_current
 
 
 @functools.cache
@@ -141,14 +158,77 @@ def extract(carrier: Mapping[str, str]) -> tuple[SpanIdentity | None, dict[str, 
     except Exception:  # a carrier is untrusted input: never crash on it
         logging.getLogger("propagate").debug("ignoring malformed carrier", exc_info=True)
         return None, {}
-    if not sc.is_valid:
-        return None, found
-    return (sc.trace_id, sc.span_id, int(sc.trace_flags), tuple(sc.trace_state.items())), found
+    return (identity(sc) if sc.is_valid else None), found
+
+
+# -- span lifecycles ---------------------------------------------------------------------
+
+
+def get_tracer(scope: str) -> trace.Tracer:
+    """The tracer of instrumentation scope ``scope`` (``"propagate"``'s is `TRACER`)."""
+    return trace.get_tracer(scope)
+
+
+def start(name: str, tracer: trace.Tracer | None = None, **kwargs: Any) -> Span:
+    """Start a span, not yet current: the keyword arguments are ``Tracer.start_span``'s."""
+    return (tracer or TRACER).start_span(name, **kwargs)
+
+
+def provider() -> trace.TracerProvider:
+    """The global tracer provider (a proxy until one is set)."""
+    return trace.get_tracer_provider()
+
+
+def set_provider(provider: trace.TracerProvider) -> None:
+    """Set the global tracer provider: OpenTelemetry allows it once, then warns."""
+    trace.set_tracer_provider(provider)
+
+
+def baggage(ctx: otel_context.Context | None = None) -> Mapping[str, object]:
+    """The baggage in ``ctx`` (else the current Context)."""
+    return otel_baggage.get_all(ctx)
+
+
+def in_context(span: Span) -> otel_context.Context:
+    """The current Context with ``span`` as its current span."""
+    return trace.set_span_in_context(span)
 
 
 @contextmanager
-def task_span(name: str, link: bool, attributes: Mapping[str, Any]) -> Iterator[Span]:
-    """Start a span for one task and make it current, entered and exited right here.
+def current(span: Span) -> Iterator[Span]:
+    """``span`` current for the block, attached and detached right here; nothing else."""
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield span
+    finally:
+        otel_context.detach(token)
+
+
+@contextmanager
+def running(span: Span, outcome: Callable[[], BaseException | None] | None = None,
+            ) -> Iterator[Span]:
+    """``span`` current for the block, marked by how it failed (`fail`), ended right here.
+
+    ``outcome``, when given, is asked as the block ends for the error its caller saw
+    instead (a lookup that answered after its caller gave up): that error is the span's
+    status, and the block's own, if any, stays recorded as an event.
+    """
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield span
+    except BaseException as exc:
+        fail(span, exc)
+        raise
+    finally:
+        seen = None if outcome is None else outcome()
+        if seen is not None:
+            fail(span, seen, record=False)
+        otel_context.detach(token)
+        span.end()
+
+
+def task_span(name: str, link: bool, attributes: Mapping[str, Any]) -> AbstractContextManager[Span]:
+    """A span for one task, current for the block and ended right here (`running`).
 
     With ``link`` the span is the root of a new trace, linked to the current span.
     """
@@ -159,13 +239,14 @@ def task_span(name: str, link: bool, attributes: Mapping[str, Any]) -> Iterator[
         sc = trace.get_current_span().get_span_context()
         if sc.is_valid:
             links.append(Link(sc, {"propagate.link": "follows_from"}))
-    with TRACER.start_as_current_span(name, context=parent, links=links,
-                                      attributes=dict(attributes)) as span:
-        yield span
+    return running(start(name, context=parent, links=links, attributes=dict(attributes)))
 
 
 def fail(span: Span, exc: BaseException, record: bool = True, set_status: bool = True) -> None:
-    """Mark ``span`` with ``exc`` as OpenTelemetry's own ``use_span`` would.
+    """Mark ``span`` with ``exc`` as OpenTelemetry's own ``use_span`` would: the one rule.
+
+    ``record`` adds the exception as an event, ``set_status`` makes the span's status
+    ERROR with ``"Type: message"`` as its description.
 
     Which exceptions count is the installed OpenTelemetry's rule: releases differ on
     ``BaseException`` (cancellation, ``GeneratorExit``, ``KeyboardInterrupt``), so the

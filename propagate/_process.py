@@ -67,6 +67,7 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor, Binding):
         self._starts_heirs = INHERITS or mp_context.get_start_method() == "fork"
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
+        """Like ``Executor.submit``: ``fn(*args, **kwargs)`` runs with the caller's context."""
         call, call_args, _ = bind_detached(fn, args, kwargs, self._propagate)
         if self._starts_heirs:
             return submit_from_empty_context(super().submit, call, *call_args)

@@ -26,24 +26,13 @@ from collections import deque
 from contextvars import ContextVar
 from typing import Any
 
-from opentelemetry import baggage as otel_baggage
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import (
-    Link,
-    NonRecordingSpan,
-    ProxyTracerProvider,
-    SpanContext,
-    SpanKind,
-    TraceFlags,
-    TraceState,
-)
+from opentelemetry.trace import Link, ProxyTracerProvider, SpanContext, SpanKind
 from opentelemetry.trace.status import Status, StatusCode
 
-from . import _private, _wire
+from . import _otel, _private, _wire
 
 log = logging.getLogger("propagate")
 
@@ -78,7 +67,7 @@ def enabled() -> bool:
     """
     global _sdk_provider
     if not _sdk_provider:
-        _sdk_provider = isinstance(trace.get_tracer_provider(), TracerProvider)
+        _sdk_provider = isinstance(_otel.provider(), TracerProvider)
     return _sdk_provider
 
 
@@ -94,7 +83,7 @@ class _Collector(SpanProcessor):
     """The worker's only span processor: each span into its task's batch."""
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
-        found = otel_baggage.get_all(parent_context)
+        found = _otel.baggage(parent_context)
         if found:  # the parent's processors see it at on_start, as for a local span
             with _lock:
                 if len(_baggage_at_start) > 65536:
@@ -174,7 +163,7 @@ def install() -> None:
         _origins.clear()  # a forked child starts with its parent's
         _strays.clear()
         try:
-            _install(trace.get_tracer_provider())
+            _install(_otel.provider())
         except Exception:  # telemetry trouble never fails the user's job
             log.warning("propagate could not install its span relay in worker process %d; "
                         "spans recorded here are not sent home", os.getpid(), exc_info=True)
@@ -197,7 +186,7 @@ def _install(provider: object) -> None:
     elif isinstance(provider, ProxyTracerProvider):
         provider = TracerProvider(shutdown_on_exit=False)
         provider.add_span_processor(_COLLECTOR)
-        trace.set_tracer_provider(provider)
+        _otel.set_provider(provider)
 
 
 def open_batch(origin: Origin) -> Batch | None:
@@ -372,7 +361,7 @@ def deliver(source: Source, spans: list[tuple[Any, ...]]) -> None:
     worker spans too. The worker's attributes are applied again after ``on_start``, so a
     processor stamping this process's pid or thread does not overwrite the worker's.
     """
-    provider = trace.get_tracer_provider()
+    provider = _otel.provider()
     if not spans or not isinstance(provider, TracerProvider):
         return
     try:
@@ -414,12 +403,7 @@ def _replay(encoded: tuple[Any, ...], resource: Resource, processor: Any) -> Non
         span_processor=processor,
         instrumentation_scope=None if scope is None else InstrumentationScope(*scope),
     )
-    started_in = otel_context.Context()
-    if parent_context is not None:
-        started_in = trace.set_span_in_context(NonRecordingSpan(parent_context), started_in)
-    for key, value in (baggage or {}).items():
-        started_in = otel_baggage.set_baggage(key, value, started_in)
-    span.start(start_time=start, parent_context=started_in)
+    span.start(start_time=start, parent_context=_otel.parent_context(parent_context, baggage or {}))
     if attributes:
         span.set_attributes(attributes)  # the worker's, over any a processor set at start
     if code != StatusCode.UNSET.value:
@@ -427,15 +411,13 @@ def _replay(encoded: tuple[Any, ...], resource: Resource, processor: Any) -> Non
     span.end(end_time=end)
 
 
-def _identity(sc: SpanContext) -> tuple[Any, ...]:
-    state = tuple(sc.trace_state.items())
-    return (sc.trace_id, sc.span_id, int(sc.trace_flags), state, sc.is_remote)
+def _identity(sc: SpanContext) -> tuple[_otel.SpanIdentity, bool]:
+    """A span context as it travels home: its identity, and whether it is remote."""
+    return _otel.identity(sc), sc.is_remote
 
 
-def _context(identity: tuple[Any, ...]) -> SpanContext:
-    trace_id, span_id, flags, state, remote = identity
-    return SpanContext(trace_id, span_id, is_remote=remote, trace_flags=TraceFlags(flags),
-                       trace_state=TraceState(list(state)))
+def _context(travelled: tuple[_otel.SpanIdentity, bool]) -> SpanContext:
+    return _otel.span_context(*travelled)
 
 
 def _encode(span: ReadableSpan, baggage: dict[str, object] | None = None) -> tuple[Any, ...]:

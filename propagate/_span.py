@@ -32,17 +32,13 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Callable, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace as otel_trace
-from opentelemetry.trace import Span
-
 from . import _otel, _private
 from ._errors import CrossThreadExitWarning
+from ._otel import Span
 
 if TYPE_CHECKING:
     import asyncio
@@ -116,7 +112,7 @@ def _reset(token: object) -> bool:
         except RuntimeError:  # already used: someone else restored this Context
             pass
         return True
-    otel_context.detach(token)  # type: ignore[arg-type]  # a non-contextvars runtime
+    _otel.detach(token)  # a non-contextvars runtime
     return True
 
 
@@ -125,8 +121,8 @@ class _Scope:
 
     def __init__(self, span: Span) -> None:
         self.span = span
-        self.context = otel_trace.set_span_in_context(span)
-        self.token = otel_context.attach(self.context)
+        self.context = _otel.in_context(span)
+        self.token = _otel.attach(self.context)
         self.thread = threading.current_thread()
         task = _current_task()
         self.task = None if task is None else weakref.ref(task)
@@ -165,7 +161,7 @@ class _Scope:
             ctx.run(self._restore)
 
     def _restore(self) -> bool:
-        return otel_context.get_current() is self.context and _reset(self.token)
+        return _otel.get_current() is self.context and _reset(self.token)
 
     def _orphan(self) -> None:
         global _exit_hook
@@ -174,7 +170,7 @@ class _Scope:
                 _exit_hook = True
                 atexit.register(_end_abandoned)
                 # and an explicit provider.shutdown() ends them first, while they can export
-                _private.first_at_shutdown(otel_trace.get_tracer_provider(), _end_abandoned)
+                _private.first_at_shutdown(_otel.provider(), _end_abandoned)
             orphans.setdefault(self.thread.ident or 0, []).append(self)
             gone = _take(lambda scope: scope.gone())
         _end(gone)
@@ -281,18 +277,22 @@ class span:
     """Like ``tracer.start_as_current_span(name, **kwargs)``, but exiting elsewhere is safe.
 
     Starts a span, makes it current, and remembers the thread and Context that entered
-    it. Exit there works as usual. Exit anywhere else ends the span exactly once (on the
-    entering thread, see the module documentation), touches nothing in the foreign
-    context, logs nothing, and warns with `CrossThreadExitWarning`; the entering Context
-    heals at its next propagate call. Keyword arguments are those of
-    ``Tracer.start_span``.
+    it. Exit there works as usual. Exit anywhere else ends the span exactly once, touches
+    nothing in the foreign context, logs nothing, and warns with `CrossThreadExitWarning`.
+    The span is ended on the entering thread, with the exit's end time and error, when
+    that thread next calls propagate (entering or exiting a scope, ``submit``, ``wrap``,
+    ``capture``...) in the entering Context, which then stops having it as its current
+    span; or when that Context's task or thread finishes, whichever comes first. Keyword
+    arguments are those of ``Tracer.start_span``.
     """
 
     __slots__ = ("_record", "_scope", "_set_status", "kwargs", "name")
 
     def __init__(self, name: str, **kwargs: Any) -> None:
-        self.name = name
-        self.kwargs = kwargs
+        self.name: str = name
+        """The name the span is started with."""
+        self.kwargs: dict[str, Any] = kwargs
+        """The keyword arguments it is started with, as given."""
         self._scope: _Scope | None = None
 
     def __enter__(self) -> Span:
@@ -302,7 +302,7 @@ class span:
         kwargs = dict(self.kwargs)
         self._record = kwargs.pop("record_exception", True)
         self._set_status = kwargs.pop("set_status_on_exception", True)
-        self._scope = _Scope(_otel.TRACER.start_span(self.name, **kwargs))
+        self._scope = _Scope(_otel.start(self.name, **kwargs))
         return self._scope.span
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -316,28 +316,18 @@ class span:
         heal()
 
 
-@contextmanager
-def _current(s: Span) -> Iterator[None]:
-    """``s`` current for one step of a generator: attached and detached right here."""
-    token = otel_context.attach(otel_trace.set_span_in_context(s))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
-
-
 def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str) -> Callable[..., Any]:
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         heal()
-        s = _otel.TRACER.start_span(name)
+        s = _otel.start(name)
         try:
             gen = fn(*args, **kwargs)
             method: Callable[[Any], Any] = gen.send
             value: Any = None
             while True:
                 try:
-                    with _current(s):
+                    with _otel.current(s):  # current for one step, never across a yield
                         item = method(value)
                 except StopIteration as stop:
                     return stop.value
@@ -363,14 +353,14 @@ def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]],
     @functools.wraps(fn)
     async def traced(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
         heal()
-        s = _otel.TRACER.start_span(name)
+        s = _otel.start(name)
         try:
             agen = fn(*args, **kwargs)
             method: Callable[[Any], Any] = agen.asend
             value: Any = None
             while True:
                 try:
-                    with _current(s):
+                    with _otel.current(s):  # current for one step, never across a yield
                         item = await method(value)
                 except StopAsyncIteration:
                     return

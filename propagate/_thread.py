@@ -59,6 +59,7 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor, Binding):
         self._propagate = Options.checked(task_spans, link)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> cf.Future[T]:
+        """Like ``Executor.submit``: ``fn(*args, **kwargs)`` runs with the caller's context."""
         if self._propagate is PLAIN and _switch.hook is None and not INHERITS:
             # bind_snapshot's plain case, without its frame: on a no-op task 100 ns show
             return super().submit(snapshot().run, fn, *args, **kwargs)  # type: ignore[arg-type]
@@ -69,6 +70,8 @@ class ThreadPoolExecutor(cf.ThreadPoolExecutor, Binding):
 
 
 class _StartsInSnapshot(threading.Thread):
+    """A thread whose ``run`` runs in a copy of the context of the code calling ``start()``."""
+
     def start(self) -> None:
         """Start the thread; it runs in a copy of the context of the code calling ``start()``."""
         if self.ident is not None:  # started already: let threading raise, touching nothing
@@ -81,7 +84,7 @@ class _StartsInSnapshot(threading.Thread):
             finally:
                 self.__dict__.pop("run", None)  # set below: drop the snapshot with it
 
-        self.run = run_in_snapshot  # type: ignore[method-assign]
+        self.__dict__["run"] = run_in_snapshot  # over the method, for this start only
         _private.start_in_empty_context(self)
         try:
             super().start()

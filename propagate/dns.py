@@ -3,7 +3,7 @@
 ``socket.getaddrinfo`` blocks, so asyncio runs it in a thread pool (``loop.getaddrinfo``,
 aiohttp's ``ThreadedResolver``), and the caller's span is lost there. hyper (Rust) kept a
 DNS span by entering the caller's span on the blocking thread and exiting it there; under
-per-task subscribers that panicked, and hyper deleted the span (hyper-util #134, #153,
+per-task subscribers that panicked, and hyper deleted the span (hyper-util #134, #153 and
 #179; hyper #3848, #3870). Here the caller's context crosses as a snapshot, nothing of the
 caller's is entered or exited on the lookup thread, and each lookup's own ``dns.lookup``
 span is started, made current and ended on the lookup thread.
@@ -16,7 +16,7 @@ be stopped, so it keeps its slot until it finishes: callers that give up and ret
 pile up work, and memory stays bounded by ``max_pending`` lookups plus the callers that are
 themselves waiting. A caller that gives up while still in line takes no slot with it, and
 a slot on its way to a coroutine whose event loop stops or closes goes on to the next
-caller (when exactly: `_slots.Slots`).
+caller (``propagate/_slots.py`` says exactly when).
 """
 
 from __future__ import annotations
@@ -36,10 +36,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
-
+from . import _otel
 from ._errors import PropagateError
 from ._slots import Slots
 from ._thread import ThreadPoolExecutor
@@ -57,17 +54,12 @@ else:
     from typing_extensions import Self
 
 if TYPE_CHECKING:
-    from aiohttp.abc import AbstractResolver as _ResolverBase
-    from aiohttp.abc import ResolveResult
-    from opentelemetry.util.types import AttributeValue
-else:
-    _ResolverBase = object  # aiohttp is imported when an AiohttpResolver is made, not before
-    ResolveResult = dict  # aiohttp's is a TypedDict: at run time, a dict
+    from ._aiohttp import AiohttpResolver
 
 __all__ = ["AiohttpResolver", "LookupTimeout", "Resolver", "getaddrinfo", "resolve"]
 
 T = TypeVar("T")
-_TRACER = trace.get_tracer("propagate.dns")
+_TRACER = _otel.get_tracer("propagate.dns")
 
 
 if sys.version_info >= (3, 11):
@@ -130,10 +122,13 @@ class _Verdict:
 
 def _lookup(getaddrinfo: GetAddrInfo, verdict: _Verdict | None, host: Host, port: Port,
             family: int, type: int, proto: int, flags: int) -> list[AddrInfo]:
-    """On a lookup thread, in the caller's snapshot: the span is entered and exited here."""
-    span = _TRACER.start_span("dns.lookup", attributes=_question(host, port))
-    token = otel_context.attach(trace.set_span_in_context(span))
-    try:
+    """On a lookup thread, in the caller's snapshot: the span is entered and exited here.
+
+    A lookup that answers after its caller gave up has the caller's error as its status
+    (the lookup's own, if any, stays an event).
+    """
+    span = _otel.start("dns.lookup", _TRACER, attributes=_question(host, port))
+    with _otel.running(span, None if verdict is None else verdict.answered):
         infos = list(getaddrinfo(host, port, family, type, proto, flags))
         if span.is_recording():
             span.set_attributes({
@@ -141,25 +136,10 @@ def _lookup(getaddrinfo: GetAddrInfo, verdict: _Verdict | None, host: Host, port
                 "dns.answers": list(dict.fromkeys(str(info[4][0]) for info in infos)),
             })
         return infos
-    except BaseException as exc:
-        if span.is_recording():
-            span.record_exception(exc)
-            span.set_status(_error(exc))
-        raise
-    finally:
-        late = None if verdict is None else verdict.answered()  # no timeout: never late
-        if late is not None:  # what the caller got: the lookup's own error is an event
-            span.set_status(_error(late))
-        otel_context.detach(token)
-        span.end()
 
 
-def _error(exc: BaseException) -> Status:
-    return Status(StatusCode.ERROR, f"{exc.__class__.__name__}: {exc}")
-
-
-def _question(host: Host, port: Port) -> dict[str, AttributeValue]:
-    attributes: dict[str, AttributeValue] = {
+def _question(host: Host, port: Port) -> dict[str, _otel.AttributeValue]:
+    attributes: dict[str, _otel.AttributeValue] = {
         "thread.name": threading.current_thread().name,
         "thread.id": threading.get_native_id(),
     }
@@ -374,70 +354,14 @@ def resolve(host: Host, port: Port, family: int = 0, type: int = 0, proto: int =
     return _default_resolver().resolve(host, port, family, type, proto, flags)
 
 
-# aiohttp: what ThreadedResolver asks for and returns
-_NUMERIC_SOCKET_FLAGS = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
-_NAME_SOCKET_FLAGS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
-_AI_ADDRCONFIG = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", ~0)
+def __getattr__(name: str) -> Any:
+    """``AiohttpResolver`` lives in ``_aiohttp``, imported on first use: aiohttp is heavy."""
+    if name == "AiohttpResolver":
+        from ._aiohttp import AiohttpResolver
+
+        return AiohttpResolver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class AiohttpResolver(_ResolverBase):
-    """Like aiohttp's ``ThreadedResolver``, but each lookup goes through a `Resolver`.
-
-    ``aiohttp.TCPConnector(resolver=propagate.dns.AiohttpResolver())`` puts each
-    ``dns.lookup`` span under the span current where the request was made. The answers,
-    their order and the errors are ``ThreadedResolver``'s: a failed lookup raises the
-    ``socket.gaierror`` (an ``OSError``, which aiohttp reports as a connection error), and
-    a timeout `LookupTimeout`, also an ``OSError``.
-
-    ``resolver`` is the `Resolver` to use, by default the module's. ``close()`` closes
-    neither: whoever made a `Resolver` closes it. Needs the ``aiohttp`` extra
-    (``pip install 'propagate[aiohttp]'``); aiohttp is imported when an instance is made,
-    and the class is then registered as an ``aiohttp.abc.AbstractResolver``.
-    """
-
-    def __init__(self, resolver: Resolver | None = None) -> None:
-        _register_with_aiohttp()
-        self.resolver = resolver
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        """Like ``ThreadedResolver.resolve``: the host's addresses, as aiohttp wants them."""
-        resolver = self.resolver or _default_resolver()
-        try:
-            infos = await resolver.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0,
-                                               _AI_ADDRCONFIG)
-        except socket.gaierror:
-            if not _is_windows_localhost(host):
-                raise
-            infos = await resolver.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, 0)
-        return [r for r in (_aiohttp_result(host, info) for info in infos) if r is not None]
-
-    async def close(self) -> None:
-        """Do nothing, as ``ThreadedResolver.close``: the `Resolver` belongs to its maker."""
-
-
-def _is_windows_localhost(host: str) -> bool:
-    return sys.platform == "win32" and host.rstrip(".").casefold() == "localhost"
-
-
-def _aiohttp_result(host: str, info: AddrInfo) -> ResolveResult | None:
-    family, _, proto, _, address = info
-    if family == socket.AF_INET6 and len(address) < 3:
-        return None  # IPv6 not supported by this Python build, or not enabled on the host
-    if family == socket.AF_INET6 and address[3]:
-        # link-local: the scope id belongs in the host; numeric flags, so this never blocks
-        resolved, service = socket.getnameinfo(address, _NAME_SOCKET_FLAGS)
-        resolved_port = int(service)
-    else:
-        resolved, resolved_port = address[0], address[1]
-    return {"hostname": host, "host": resolved, "port": resolved_port, "family": family,
-            "proto": proto, "flags": _NUMERIC_SOCKET_FLAGS}
-
-
-def _register_with_aiohttp() -> None:
-    try:
-        from aiohttp.abc import AbstractResolver
-    except ImportError as exc:
-        raise ImportError("propagate.dns.AiohttpResolver needs aiohttp: "
-                          "pip install 'propagate[aiohttp]'") from exc
-    AbstractResolver.register(AiohttpResolver)
+def __dir__() -> list[str]:
+    return sorted([*globals(), "AiohttpResolver"])

@@ -25,14 +25,18 @@ if TYPE_CHECKING:
 
     from .debug import Jitter
 
-JITTER_PROBABILITY = 0.5  # half the switch points sleep...
-JITTER_MAX_DELAY = 0.001  # ...up to 1 ms: enough to reorder threads, cheap enough for a suite
-LEAK_GRACE = 1.0  # seconds for threads and processes that are finishing
+JITTER_PROBABILITY = 0.5
+"""Under ``--propagate-jitter``, the chance that a switch point sleeps."""
+JITTER_MAX_DELAY = 0.001
+"""The longest sleep, in seconds: enough to reorder threads, cheap enough for a suite."""
+LEAK_GRACE = 1.0
+"""How long ``no_leaks`` waits, in seconds, for threads and processes that are finishing."""
 
 _JITTER: pytest.StashKey[Jitter] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add ``--propagate-jitter SEED``."""
     parser.getgroup("propagate").addoption(
         "--propagate-jitter", type=int, metavar="SEED", default=None,
         help=f"run every test under propagate.debug.jitter(SEED), sleeping up to "
@@ -40,6 +44,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Under ``--propagate-jitter``, the seed and the line that reruns it."""
     seed = config.getoption("propagate_jitter")
     if seed is None:
         return []
@@ -49,6 +54,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under ``--propagate-jitter``, run the test (setup, call, teardown) under a jitter."""
     seed = item.config.getoption("propagate_jitter")
     if seed is None:
         yield
@@ -63,6 +69,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item,
                                call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """A failed test's report says how its jitter went and how to rerun it."""
     outcome = yield
     hook = item.stash.get(_JITTER, None)
     report = outcome.get_result()
@@ -79,7 +86,8 @@ class Spans(Sequence["ReadableSpan"]):
     """The spans finished so far in this test, oldest first, read live from the exporter."""
 
     def __init__(self, exporter: InMemorySpanExporter) -> None:
-        self.exporter = exporter
+        self.exporter: InMemorySpanExporter = exporter
+        """The exporter the spans are read from."""
 
     def __len__(self) -> int:
         return len(self.exporter.get_finished_spans())
@@ -96,9 +104,11 @@ class Spans(Sequence["ReadableSpan"]):
         return iter(self.exporter.get_finished_spans())
 
     def names(self) -> list[str]:
+        """The spans' names, oldest first."""
         return [span.name for span in self]
 
     def by_name(self, name: str) -> list[ReadableSpan]:
+        """The spans named ``name``, oldest first."""
         return [span for span in self if span.name == name]
 
     def tree(self) -> str:

@@ -1,7 +1,8 @@
 """Task functions for the process pool tests, importable by spawn and forkserver workers.
 
 Each returns plain values describing what the worker saw, so a test can compare them
-with the submitter's context. Kept light: no pytest, no conftest, in the workers.
+with the submitter's context. Kept light: no pytest, and not `tests.helpers` (the SDK
+setup), in the workers.
 """
 
 from __future__ import annotations
@@ -86,10 +87,10 @@ def exported_here(name: str) -> int:
     """
     with trace.get_tracer("tests.process_tasks").start_as_current_span(name):
         pass
-    conftest = sys.modules.get("tests.conftest")
-    if conftest is None:
+    helpers = sys.modules.get("tests.helpers")
+    if helpers is None:
         return 0
-    return sum(1 for s in conftest.EXPORTER.get_finished_spans() if s.name == name)
+    return sum(1 for s in helpers.EXPORTER.get_finished_spans() if s.name == name)
 
 
 def fail_after_span(name: str) -> None:

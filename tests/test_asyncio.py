@@ -21,8 +21,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import propagate
-
-from . import asyncio_tasks, conftest
+from tests import asyncio_tasks
+from tests.helpers import START_METHODS, assert_ended_where_started, one_span
 
 VAR: ContextVar[str] = ContextVar("tests.test_asyncio.var", default="unset")
 
@@ -32,13 +32,6 @@ INHERITS = bool(getattr(sys.flags, "thread_inherit_context", False))  # 3.14+
 def seen(*args: Any, **kwargs: Any) -> tuple[trace.Span, str, tuple[Any, ...], dict[str, Any], str]:
     """What a thread task sees: current span, VAR, its arguments and its thread's name."""
     return trace.get_current_span(), VAR.get(), args, kwargs, threading.current_thread().name
-
-
-def assert_ended_where_started() -> None:
-    """Done when: every span started in this process was ended on the thread that started it."""
-    assert conftest.THREADS.started
-    for span_id, ident in conftest.THREADS.started.items():
-        assert conftest.THREADS.ended.get(span_id) == ident, f"span {span_id:016x}"
 
 
 @contextmanager
@@ -113,7 +106,7 @@ def test_to_thread_with_process_pool(make: Callable[..., cf.ProcessPoolExecutor]
     assert tag == "t!"
     assert pid != os.getpid()
     # the worker's span came home with the caller's span as parent
-    [in_worker] = [s for s in exporter.get_finished_spans() if s.name == "in-worker"]
+    in_worker = one_span(exporter, "in-worker")
     assert in_worker.parent is not None and in_worker.parent.span_id == caller.span_id
 
 
@@ -246,7 +239,8 @@ async def cancel_running_and_queued(call: Call) -> tuple[list[str], list[str]]:
 
 
 def test_run_in_executor_cancellation_like_stdlib() -> None:
-    """Cancelling the awaiting task behaves as loop.run_in_executor: queued work never runs."""
+    """API: cancelling the awaiting task behaves as loop.run_in_executor: queued work never
+    runs."""
     def stdlib(pool: cf.Executor, fn: Callable[[], None]) -> Awaitable[None]:
         return asyncio.get_running_loop().run_in_executor(pool, fn)
 
@@ -259,7 +253,7 @@ def test_run_in_executor_cancellation_like_stdlib() -> None:
 
 
 def test_install_returns_idempotent_propagate_pool() -> None:
-    """install() makes a propagate.ThreadPoolExecutor the default executor, once."""
+    """API: install() makes a propagate.ThreadPoolExecutor the default executor, once."""
     async def main() -> None:
         first = propagate.install()
         assert isinstance(first, propagate.ThreadPoolExecutor)
@@ -270,7 +264,8 @@ def test_install_returns_idempotent_propagate_pool() -> None:
 
 
 def test_stdlib_default_executor_loses_context() -> None:
-    """Baseline: without install(), loop.run_in_executor(None, ...) loses span and ContextVar.
+    """I1: the baseline: without install(), loop.run_in_executor(None, ...) loses the span
+    and ContextVar.
 
     Under 3.14's thread_inherit_context the worker thread starts in a copy of the context
     of the call that created it, and keeps it: every later task sees that first caller's
@@ -335,7 +330,8 @@ def test_install_getaddrinfo_sees_callers_span(installed: bool,
 
 
 def test_install_replaces_existing_default_executor() -> None:
-    """install() after the loop made a stdlib default executor shuts that one down and works."""
+    """I1, API: install() after the loop made a stdlib default executor shuts that one down,
+    and tasks then run in the caller's context."""
     async def body(caller: trace.Span) -> None:
         loop = asyncio.get_running_loop()
         old_thread = await loop.run_in_executor(None, threading.current_thread)
@@ -352,7 +348,7 @@ def test_install_replaces_existing_default_executor() -> None:
 
 
 def test_asyncio_run_shuts_installed_executor_down() -> None:
-    """asyncio.run shuts the installed executor down: its threads are gone when it returns."""
+    """I9: asyncio.run shuts the installed executor down: its threads are gone when it returns."""
     async def main() -> tuple[propagate.ThreadPoolExecutor, threading.Thread]:
         executor = propagate.install()
         thread = await asyncio.get_running_loop().run_in_executor(None, threading.current_thread)
@@ -411,7 +407,7 @@ def test_no_tracer_provider() -> None:
 
 
 def test_run_in_executor_task_span_named_after_fn(exporter: InMemorySpanExporter) -> None:
-    """task_spans through run_in_executor: the span is named after fn, not a wrapper."""
+    """I4: task_spans through run_in_executor: the span is named after fn, not a wrapper."""
     async def main() -> None:
         with propagate.ThreadPoolExecutor(1, task_spans=True) as pool:
             await propagate.run_in_executor(pool, asyncio_tasks.observe, "x", suffix="!")
@@ -422,7 +418,7 @@ def test_run_in_executor_task_span_named_after_fn(exporter: InMemorySpanExporter
 
 def test_run_in_executor_stdlib_fork_pool_inherits_nothing() -> None:
     """I2: a stdlib fork pool whose worker is forked by run_in_executor inherits no stale var."""
-    if "fork" not in conftest.START_METHODS:
+    if "fork" not in START_METHODS:
         pytest.skip("no fork start method here")
     import multiprocessing
 

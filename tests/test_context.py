@@ -13,7 +13,7 @@ from opentelemetry import context as otel_context
 
 import propagate
 from propagate import DetachedContext
-from tests.conftest import with_baggage
+from tests.helpers import with_baggage
 
 MISSING = object()
 
@@ -54,7 +54,7 @@ def test_capture_holds_span_baggage_and_set_registered_values(tracer, registered
 
 
 def test_capture_follows_every_change_of_the_current_context(tracer):
-    """Captures of one context are read once and given again: a span or baggage that
+    """I1: captures of one context are read once and given again: a span or baggage that
     changes, and a context that comes back, are each seen as they are then."""
     with tracer.start_as_current_span("a") as a:
         first = propagate.capture()

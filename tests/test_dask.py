@@ -15,25 +15,20 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import dask
 import distributed
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 import propagate
 import propagate.dask
-from tests.conftest import extra_state, with_baggage
+from tests import dask_tasks
+from tests.helpers import extra_state, one_span, setting, spans_named, with_baggage
 
-from . import dask_tasks
-
-T = TypeVar("T")
 WAIT = 60  # seconds: generous, worker processes start slowly on a busy machine
 WORKERS = 2
 
@@ -80,19 +75,6 @@ def executor(client: distributed.Client) -> cf.Executor:
     return propagate.wrap_executor(client.get_executor())
 
 
-@contextmanager
-def setting(var: ContextVar[T], value: T) -> Iterator[None]:
-    token = var.set(value)
-    try:
-        yield
-    finally:
-        var.reset(token)
-
-
-def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
-    return [s for s in exporter.get_finished_spans() if s.name == name]
-
-
 def exported_at_resolve(future: cf.Future[Any], exporter: InMemorySpanExporter) -> list[Any]:
     """Fill a list, from the future's done callback, with the span names exported by then.
 
@@ -122,7 +104,7 @@ def test_worker_span_is_child_of_client_span(executor, exporter, tracer):
     sc = parent.get_span_context()
     assert seen["pid"] != os.getpid()
     assert seen["trace_id"] == sc.trace_id
-    [span] = named(exporter, "on-worker")
+    span = one_span(exporter, "on-worker")
     assert span.parent is not None
     assert (span.parent.trace_id, span.parent.span_id) == (sc.trace_id, sc.span_id)
     assert span.context.trace_id == sc.trace_id
@@ -168,7 +150,7 @@ def test_relay_delivers_worker_spans_once_before_future_resolves(client, executo
         [(thread, names)] = check
         assert thread != threading.get_ident()
         assert f"task-{i}" in names
-        [span] = named(exporter, f"task-{i}")
+        span = one_span(exporter, f"task-{i}")
         assert span.resource.attributes["process.pid"] == result["pid"] != os.getpid()
         assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
 
@@ -192,11 +174,11 @@ def test_one_trace_from_client_to_workers(client, exporter, tracer):
     trace_id = root.get_span_context().trace_id
     spans = exporter.get_finished_spans()
     assert {s.context.trace_id for s in spans} == {trace_id}
-    task_spans = named(exporter, "record")
+    task_spans = spans_named(exporter, "record")
     assert len(task_spans) == 4
     by_id = {s.context.span_id: s for s in spans}
     for result, name in zip(results, "abcd", strict=True):
-        [span] = named(exporter, name)
+        span = one_span(exporter, name)
         assert span.parent is not None
         task_span = by_id[span.parent.span_id]
         assert task_span.name == "record"
@@ -207,7 +189,7 @@ def test_one_trace_from_client_to_workers(client, exporter, tracer):
 
 
 def test_helper_passes_keywords_to_get_executor(client):
-    """The helper is get_executor with its keywords: workers= sends every task to that worker."""
+    """API: the helper is get_executor with its keywords: workers= sends each task there."""
     worker = worker_addresses(client)[-1]
     executor = propagate.dask.executor(client, workers=[worker])
     with setting(dask_tasks.REQUEST_ID, "req-3"):
@@ -221,7 +203,7 @@ def test_link_starts_a_new_trace(client, exporter, tracer):
     executor = propagate.dask.executor(client, task_spans=True, link=True)
     with tracer.start_as_current_span("submitter") as parent:
         executor.submit(dask_tasks.identity, 1).result(timeout=WAIT)
-    [task_span] = named(exporter, "identity")
+    task_span = one_span(exporter, "identity")
     sc = parent.get_span_context()
     assert task_span.parent is None
     assert task_span.context.trace_id != sc.trace_id
@@ -242,7 +224,7 @@ def test_exception_on_worker_reaches_caller(executor, exporter, tracer):
     assert "fail" in frames
     [(thread, names)] = check
     assert thread != threading.get_ident() and "failing" in names
-    [span] = named(exporter, "failing")
+    span = one_span(exporter, "failing")
     assert span.status.status_code is StatusCode.ERROR
     assert span.resource.attributes["process.pid"] != os.getpid()
 
@@ -263,7 +245,7 @@ def test_worker_dying_mid_task_fails_in_bounded_time(client, exporter, tracer):
         future = executor.submit(dask_tasks.die, "dying")
         with pytest.raises(distributed.KilledWorker):
             future.result(timeout=WAIT)
-    assert named(exporter, "dying") == []  # recorded in a process that is gone: lost with it
+    assert spans_named(exporter, "dying") == []  # recorded in a process that is gone: lost with it
     client.wait_for_workers(WORKERS, timeout=WAIT)
     # The last worker to die was replaced by a process that has run nothing yet.
     fresh = [w for w, names in client.run(dask_tasks.span_processors).items() if names == []]
@@ -271,12 +253,12 @@ def test_worker_dying_mid_task_fails_in_bounded_time(client, exporter, tracer):
     with tracer.start_as_current_span("client again"):
         seen = propagate.dask.executor(client, workers=fresh[:1]).submit(
             dask_tasks.record, "after").result(timeout=WAIT)
-    [span] = named(exporter, "after")
+    span = one_span(exporter, "after")
     assert span.resource.attributes["process.pid"] == seen["pid"] != os.getpid()
 
 
 def test_context_manager_shuts_down(client):
-    """Stdlib shape: a wrapped Dask executor works as a context manager, like the bare one."""
+    """API: a wrapped Dask executor works as a context manager, like the bare one."""
     with propagate.wrap_executor(client.get_executor()) as executor:
         assert executor.submit(dask_tasks.identity, 3).result(timeout=WAIT) == 3
     with pytest.raises(RuntimeError):
@@ -304,7 +286,7 @@ def test_concurrent_tasks_in_one_worker_keep_their_spans(exporter, tracer, tmp_p
     assert seen_first["pid"] == seen_second["pid"]
     assert seen_first["thread"] != seen_second["thread"]
     assert "first" in names and "second" not in names
-    assert len(named(exporter, "first")) == len(named(exporter, "second")) == 1
+    assert len(spans_named(exporter, "first")) == len(spans_named(exporter, "second")) == 1
 
 
 def test_in_process_workers_export_directly_once(exporter, tracer):
@@ -315,8 +297,8 @@ def test_in_process_workers_export_directly_once(exporter, tracer):
         with tracer.start_as_current_span("client") as parent:
             seen = executor.submit(dask_tasks.record, "in-process").result(timeout=WAIT)
     assert seen["pid"] == os.getpid()
-    [span] = named(exporter, "in-process")
-    [task_span] = named(exporter, "record")
+    span = one_span(exporter, "in-process")
+    task_span = one_span(exporter, "record")
     assert span.parent is not None and span.parent.span_id == task_span.context.span_id
     assert task_span.parent is not None
     assert task_span.parent.span_id == parent.get_span_context().span_id

@@ -1,4 +1,4 @@
-"""propagate/debug.py: jitter, task lineage, live()/assert_quiescent and ContextFilter."""
+"""propagate/debug/: jitter, task lineage, live()/assert_quiescent, ContextFilter, doctor()."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def release() -> Iterator[threading.Event]:
     (-0.1, 0.001), (1.5, 0.001), (math.nan, 0.001), (0.5, -1.0), (0.5, math.inf), (0.5, math.nan),
 ])
 def test_jitter_rejects_bad_arguments(probability: float, max_delay: float) -> None:
-    """Jitter: a probability outside [0, 1] or a bad delay fails at once, naming the value."""
+    """API: jitter refuses a probability outside [0, 1] or a bad delay at once, naming it."""
     before = _switch.hook
     with pytest.raises(ValueError, match=r"probability|max_delay") as info, \
             debug.jitter(1, probability, max_delay):
@@ -55,7 +55,7 @@ def test_jitter_rejects_bad_arguments(probability: float, max_delay: float) -> N
 
 
 def test_jitter_fires_at_every_switch_point() -> None:
-    """Jitter: every switch point fires and sleeps, and I1 still holds under it."""
+    """I1, API: under jitter every switch point fires and sleeps, and I1 still holds."""
     tracer = trace.get_tracer("tests")
     before = _switch.hook  # the plugin's, under --propagate-jitter
     with debug.jitter(seed=3, probability=1.0, max_delay=0.0002) as hook, \
@@ -73,7 +73,7 @@ def test_jitter_fires_at_every_switch_point() -> None:
 
 
 def test_jitter_is_repeatable_for_a_seed() -> None:
-    """Jitter: one seed gives the same sleeps for the same calls; another seed does not."""
+    """API: one jitter seed gives the same sleeps for the same calls; another seed does not."""
     def run(seed: int) -> tuple[int, float]:
         with debug.jitter(seed, probability=0.5, max_delay=0.00001) as hook:
             for _ in range(100):
@@ -86,7 +86,7 @@ def test_jitter_is_repeatable_for_a_seed() -> None:
 
 
 def test_jitter_nests_and_restores_the_previous_hook() -> None:
-    """Jitter: an inner jitter replaces the outer one and hands it back, even on error."""
+    """API: an inner jitter replaces the outer one and hands it back, even on error."""
     before = _switch.hook
     with debug.jitter(1) as outer:
         with pytest.raises(KeyError), debug.jitter(2) as inner:
@@ -100,7 +100,7 @@ def test_jitter_nests_and_restores_the_previous_hook() -> None:
 
 
 def test_jitter_counts_every_call_from_many_threads() -> None:
-    """Jitter: the hook is safe to call from many threads at once; no count is lost."""
+    """API: the jitter hook is safe to call from many threads at once; no count is lost."""
     start = threading.Barrier(8, timeout=WAIT)
 
     def hammer() -> None:
@@ -124,7 +124,7 @@ def _hook_counts_in_worker() -> dict[str, int]:
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 def test_jitter_reaches_forked_workers() -> None:
-    """Jitter: a worker process forked under a jitter runs its tasks under it too."""
+    """API: a worker process forked under a jitter runs its tasks under it too."""
     with debug.jitter(4, probability=0.0, max_delay=0.0), propagate.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("fork")) as pool:
         counts = pool.submit(_hook_counts_in_worker).result(timeout=WAIT)
@@ -154,7 +154,7 @@ def test_jitter_survives_a_fork_while_its_lock_is_held() -> None:
 
 
 def test_track_tasks_draws_each_task_under_its_creator() -> None:
-    """Lineage: task_tree indents every live task under the task that created it."""
+    """API: task_tree indents every live task under the task that created it."""
     async def leaf(done: asyncio.Event) -> None:
         await done.wait()
 
@@ -180,7 +180,8 @@ def test_track_tasks_draws_each_task_under_its_creator() -> None:
 
 
 def test_track_tasks_chains_the_existing_factory() -> None:
-    """Lineage: the loop's own task factory still makes every task, with its name and context."""
+    """API: under track_tasks, the loop's own task factory still makes every task, with its
+    name and context."""
     made: list[str] = []
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
@@ -210,7 +211,7 @@ def test_track_tasks_chains_the_existing_factory() -> None:
 
 
 def test_task_tree_shows_a_finished_creator() -> None:
-    """Lineage: a task that outlives its creator is drawn at the top, naming the creator."""
+    """API: task_tree draws a task that outlives its creator at the top, naming the creator."""
     async def orphan(done: asyncio.Event) -> None:
         await done.wait()
 
@@ -235,7 +236,8 @@ def test_task_tree_shows_a_finished_creator() -> None:
 
 
 def test_live_shows_the_span_of_each_propagate_thread(release: threading.Event) -> None:
-    """Live: the caller's, a pool worker's and a propagate.Thread's current span are shown."""
+    """API: live() shows the current span of the caller, of a pool worker and of a
+    propagate.Thread."""
     tracer = trace.get_tracer("tests")
     with tracer.start_as_current_span("request") as span, \
             propagate.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pooled") as pool:
@@ -270,7 +272,8 @@ async def _waits_here(done: asyncio.Event) -> None:
 
 
 def test_live_shows_where_each_task_waits() -> None:
-    """Live: a pending task is listed with its coroutine, where it waits, and (3.12+) its span."""
+    """API: live() lists a pending task with its coroutine, where it waits, and (3.12+) its
+    span."""
     line = _waits_here.__code__.co_firstlineno + 1
     spans: list[str] = []
 
@@ -294,7 +297,8 @@ def test_live_shows_where_each_task_waits() -> None:
 
 
 def test_live_outside_a_loop_sees_tasks_of_a_stopped_loop() -> None:
-    """Live: from synchronous code, tasks pending on a loop that is not running are listed."""
+    """API: live() from synchronous code lists the tasks pending on a loop that is not
+    running."""
     loop = asyncio.new_event_loop()
     try:
         async def start() -> asyncio.Task[None]:
@@ -314,7 +318,8 @@ def _wait_for(event: Any) -> None:
 
 
 def test_assert_quiescent_names_what_outlives_the_baseline(release: threading.Event) -> None:
-    """Quiescence: a thread and a child process started after the baseline are named, then pass."""
+    """API: assert_quiescent names a thread and a child process started after the baseline,
+    then passes once they are gone."""
     old = threading.Thread(target=release.wait, args=(WAIT,), name="old-thread")
     old.start()
     baseline = debug.live()
@@ -346,7 +351,8 @@ def test_assert_quiescent_names_what_outlives_the_baseline(release: threading.Ev
 
 
 def test_assert_quiescent_matches_threads_by_identity_not_ident() -> None:
-    """Quiescence: a new thread is reported even with the name and ident of a baseline thread."""
+    """API: assert_quiescent reports a new thread even with the name and ident of a baseline
+    thread."""
     release, done = threading.Event(), threading.Event()
     first = threading.Thread(target=done.wait, args=(WAIT,), name="same")
     first.start()
@@ -364,7 +370,7 @@ def test_assert_quiescent_matches_threads_by_identity_not_ident() -> None:
 
 
 def test_assert_quiescent_waits_for_a_finishing_thread(release: threading.Event) -> None:
-    """Quiescence: a thread that finishes within the grace period is not a leak."""
+    """API: to assert_quiescent, a thread that finishes within the grace period is no leak."""
     baseline = debug.live()
     thread = threading.Thread(target=release.wait, args=(WAIT,), name="finishing")
     thread.start()
@@ -375,7 +381,8 @@ def test_assert_quiescent_waits_for_a_finishing_thread(release: threading.Event)
 
 def test_assert_quiescent_without_baseline_counts_every_other_thread(
         release: threading.Event) -> None:
-    """Quiescence: without a baseline, any thread but the main and calling ones is reported."""
+    """API: assert_quiescent without a baseline reports any thread but the main and calling
+    ones."""
     thread = threading.Thread(target=release.wait, args=(WAIT,), name="any-thread")
     thread.start()
     try:
@@ -437,7 +444,8 @@ def test_context_filter_in_a_process_pool() -> None:
 
 
 def test_context_filter_outside_spans_and_in_tasks() -> None:
-    """ContextFilter: zero ids outside any span, the task's name inside a task; nothing dropped."""
+    """API: ContextFilter gives zero ids outside any span, the task's name inside a task, and
+    drops nothing."""
     log = logging.getLogger("test_debug.task")
 
     names: list[str] = []
@@ -462,7 +470,8 @@ def test_context_filter_outside_spans_and_in_tasks() -> None:
 
 
 def test_doctor_in_process_sees_this_process() -> None:
-    """doctor(): the in-process report names this session's SDK provider and registered vars."""
+    """API: doctor()'s in-process report names this session's SDK provider and registered
+    vars."""
     import contextvars
     import io
 

@@ -41,8 +41,7 @@ import propagate
 import propagate.dns
 from propagate._slots import Slots
 from propagate.dns import AiohttpResolver, LookupTimeout, Resolver
-
-from . import conftest
+from tests.helpers import THREADS, one_span, spans_named
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("tests.test_dns.var", default="unset")
 HELD: contextvars.ContextVar[object] = contextvars.ContextVar("tests.test_dns.held")
@@ -152,12 +151,13 @@ def lookup_threads() -> dict[int, str]:
 
 
 def lookups(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
-    return [s for s in exporter.get_finished_spans() if s.name == "dns.lookup"]
+    """Every finished ``dns.lookup`` span."""
+    return spans_named(exporter, "dns.lookup")
 
 
 def only_lookup(exporter: InMemorySpanExporter) -> ReadableSpan:
-    [span] = lookups(exporter)
-    return span
+    """The one finished ``dns.lookup`` span."""
+    return one_span(exporter, "dns.lookup")
 
 
 def assert_child_on_lookup_thread(span: ReadableSpan, parent: trace.Span,
@@ -166,8 +166,8 @@ def assert_child_on_lookup_thread(span: ReadableSpan, parent: trace.Span,
     assert span.parent is not None
     assert span.parent.span_id == parent.get_span_context().span_id
     assert span.context.trace_id == parent.get_span_context().trace_id
-    started = conftest.THREADS.started[span.context.span_id]
-    assert conftest.THREADS.ended[span.context.span_id] == started
+    started = THREADS.started[span.context.span_id]
+    assert THREADS.ended[span.context.span_id] == started
     assert started != threading.get_ident()
     assert threads[started] == span.attributes["thread.name"]
 
@@ -221,10 +221,10 @@ def test_hyper_scenario(exporter: InMemorySpanExporter, caplog: pytest.LogCaptur
         child = children[request_span.get_span_context().span_id]
         assert child.attributes["server.port"] == 8000 + i
         assert_child_on_lookup_thread(child, request_span, threads)
-        assert current[child.context.span_id] == conftest.THREADS.started[child.context.span_id]
+        assert current[child.context.span_id] == THREADS.started[child.context.span_id]
         request_id = request_span.get_span_context().span_id
-        assert conftest.THREADS.started[request_id] == threading.get_ident()
-        assert conftest.THREADS.ended[request_id] == threading.get_ident()
+        assert THREADS.started[request_id] == threading.get_ident()
+        assert THREADS.ended[request_id] == threading.get_ident()
 
 
 # what a lookup returns and records
@@ -265,7 +265,7 @@ def test_span_attributes(exporter: InMemorySpanExporter) -> None:
     assert list(attributes.pop("dns.answers")) == list(dict.fromkeys(a[4][0] for a in answer))
     name = attributes.pop("thread.name")
     assert name.startswith(PREFIX + "_")
-    assert threads[conftest.THREADS.started[span.context.span_id]] == name
+    assert threads[THREADS.started[span.context.span_id]] == name
     assert isinstance(attributes.pop("thread.id"), int)
     assert attributes == {}
     assert span.status.status_code is StatusCode.UNSET
@@ -447,8 +447,8 @@ def test_gaierror_reaches_the_caller_unchanged(exporter: InMemorySpanExporter) -
         assert span.status.description == f"gaierror: {error}"
         assert [e.name for e in span.events] == ["exception"]
         assert span.attributes is not None and span.attributes["server.port"] == "no-such-service"
-        started = conftest.THREADS.started[span.context.span_id]
-        assert conftest.THREADS.ended[span.context.span_id] == started
+        started = THREADS.started[span.context.span_id]
+        assert THREADS.ended[span.context.span_id] == started
         assert threads[started].startswith(PREFIX)
 
 
@@ -485,7 +485,7 @@ def test_timeout_async(exporter: InMemorySpanExporter) -> None:
         threads = lookup_threads()
     span = only_lookup(exporter)  # close() waited for it
     assert_child_on_lookup_thread(span, caller, threads)
-    assert conftest.THREADS.started[span.context.span_id] in slow.threads
+    assert THREADS.started[span.context.span_id] in slow.threads
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == f"LookupTimeout: {raised[0]}"
     assert span.events == ()  # the lookup itself raised nothing
@@ -1082,8 +1082,8 @@ class Interleaving:
             assert (span.status.status_code is StatusCode.ERROR) == took_too_long, (said, span)
             if took_too_long:
                 assert span.status.description == f"LookupTimeout: {said}"
-            started = conftest.THREADS.started[span.context.span_id]
-            assert conftest.THREADS.ended[span.context.span_id] == started
+            started = THREADS.started[span.context.span_id]
+            assert THREADS.ended[span.context.span_id] == started
 
 
 @pytest.mark.parametrize("seed", range(48))
@@ -1253,7 +1253,21 @@ def test_aiohttp_resolver_is_an_abstract_resolver() -> None:
 
 
 def test_aiohttp_resolver_without_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
-    """I7: without aiohttp, making an AiohttpResolver raises an ImportError naming the extra."""
+    """I7: without aiohttp, reading propagate.dns.AiohttpResolver raises an ImportError
+    naming the extra; the rest of propagate.dns works."""
+    monkeypatch.delitem(sys.modules, "propagate._aiohttp")
     monkeypatch.setitem(sys.modules, "aiohttp.abc", None)
     with pytest.raises(ImportError, match=r"propagate\[aiohttp\]"):
-        AiohttpResolver()
+        propagate.dns.AiohttpResolver  # noqa: B018
+    with Resolver(max_workers=1) as resolver:
+        assert resolver.resolve("localhost", 80)
+
+
+def test_aiohttp_resolver_is_read_from_its_own_module() -> None:
+    """API: propagate.dns.AiohttpResolver is propagate._aiohttp's, found by name, and listed."""
+    from propagate import _aiohttp
+
+    assert propagate.dns.AiohttpResolver is _aiohttp.AiohttpResolver is AiohttpResolver
+    assert "AiohttpResolver" in dir(propagate.dns)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        propagate.dns.no_such_name  # type: ignore[attr-defined]  # noqa: B018

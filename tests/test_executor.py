@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextvars
-import gc
+import functools
 import inspect
+import multiprocessing
 import os
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +21,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import propagate
+from tests.helpers import START_METHODS, assert_freed, one_span
 
 WAIT = 60  # seconds: generous, process pools start slowly on a busy machine
 
@@ -39,7 +40,7 @@ NEWER = {"ctxkwargs", "max_tasks_per_child"}  # stdlib parameters of newer Pytho
 
 @pytest.mark.parametrize(("ours", "stdlib"), DROP_INS, ids=lambda c: c.__module__)
 def test_drop_ins_keep_every_stdlib_parameter(ours: type, stdlib: type) -> None:
-    """Drop-in: on this Python, every stdlib parameter, in order, same kind and default.
+    """API: on this Python, every stdlib parameter, in order, same kind and default.
 
     Fails on the first Python release that adds a parameter the drop-in does not take.
     """
@@ -59,12 +60,6 @@ def test_drop_ins_keep_every_stdlib_parameter(ours: type, stdlib: type) -> None:
                is inspect.Parameter.KEYWORD_ONLY for name in added)
     for method in ("submit", "map", "shutdown"):  # what callers use: the stdlib's own shape
         assert shape(getattr(ours, method)) == shape(getattr(stdlib, method)), method
-
-
-def by_name(exporter: InMemorySpanExporter, name: str) -> Any:
-    spans = [s for s in exporter.get_finished_spans() if s.name == name]
-    assert len(spans) == 1, [s.name for s in exporter.get_finished_spans()]
-    return spans[0]
 
 
 def in_worker() -> dict[str, Any]:
@@ -134,7 +129,7 @@ def test_wrapped_thread_pool_map(wrapped_threads):
 
 
 def test_wrapper_shutdown_and_context_manager():
-    """Stdlib shape: shutdown and the with block of the wrapper shut the wrapped executor down."""
+    """API: shutdown and the with block of the wrapper shut the wrapped executor down."""
     inner = cf.ThreadPoolExecutor(max_workers=1)
     with propagate.wrap_executor(inner) as executor:
         assert executor.submit(int, "7").result(timeout=WAIT) == 7
@@ -160,7 +155,7 @@ def test_wrapped_thread_pool_task_spans(exporter, tracer):
     executor = propagate.wrap_executor(cf.ThreadPoolExecutor(1), task_spans=True)
     with executor, tracer.start_as_current_span("submitter") as parent:
         executor.submit(task_fn).result(timeout=WAIT)
-    task = by_name(exporter, task_fn.__qualname__)
+    task = one_span(exporter, task_fn.__qualname__)
     assert task.parent.span_id == parent.get_span_context().span_id
     assert task.attributes["propagate.queue_seconds"] >= 0
     assert task.attributes["thread.name"] != threading.current_thread().name
@@ -180,7 +175,7 @@ def test_wrapped_thread_pool_link(exporter, tracer):
     executor = propagate.wrap_executor(cf.ThreadPoolExecutor(1), task_spans=True, link=True)
     with executor, tracer.start_as_current_span("submitter") as parent:
         executor.submit(task_fn).result(timeout=WAIT)
-    assert_linked(by_name(exporter, task_fn.__qualname__), parent)
+    assert_linked(one_span(exporter, task_fn.__qualname__), parent)
 
 
 # Process pools: detached contexts
@@ -221,7 +216,7 @@ def test_wrapped_process_pool_detached_context(wrapped_processes, submitter_cont
     assert seen["baggage"] == {"tenant": "acme"}
     assert seen["ids"] == (sc.trace_id, sc.span_id, True)
     assert seen["span_parent"] == (sc.trace_id, sc.span_id)
-    relayed = by_name(exporter, "in-worker")
+    relayed = one_span(exporter, "in-worker")
     assert relayed.parent.span_id == sc.span_id
 
 
@@ -243,7 +238,7 @@ def test_wrapped_process_pool_task_spans(mp_context, exporter, tracer):
     executor = propagate.wrap_executor(inner, task_spans=True)
     with executor, tracer.start_as_current_span("submitter") as parent:
         pid = executor.submit(task_fn).result(timeout=WAIT)
-        task = by_name(exporter, task_fn.__qualname__)  # before the future resolved
+        task = one_span(exporter, task_fn.__qualname__)  # before the future resolved
     assert task.parent.span_id == parent.get_span_context().span_id
     assert task.attributes["process.pid"] == pid != os.getpid()
     assert task.attributes["propagate.queue_seconds"] >= 0
@@ -255,7 +250,7 @@ def test_wrapped_process_pool_link(mp_context, exporter, tracer):
     executor = propagate.wrap_executor(inner, task_spans=True, link=True)
     with executor, tracer.start_as_current_span("submitter") as parent:
         executor.submit(task_fn).result(timeout=WAIT)
-    assert_linked(by_name(exporter, task_fn.__qualname__), parent)
+    assert_linked(one_span(exporter, task_fn.__qualname__), parent)
 
 
 def test_wrapped_process_pool_unpicklable_value_fails_at_submit():
@@ -293,6 +288,13 @@ class Held:
 HELD: contextvars.ContextVar[Held] = contextvars.ContextVar("test_executor.held")
 
 
+def _process_kinds() -> list[Any]:
+    """propagate's process pool under each start method: fork copies the forking thread."""
+    return [pytest.param(functools.partial(propagate.ProcessPoolExecutor, 1,
+                                           multiprocessing.get_context(method)),
+                         id=f"processes-{method}") for method in START_METHODS]
+
+
 def _interpreter_kinds() -> list[Any]:
     if sys.version_info < (3, 14):
         return []
@@ -304,7 +306,7 @@ def _interpreter_kinds() -> list[Any]:
 @pytest.mark.parametrize("make", [
     pytest.param(lambda: propagate.ThreadPoolExecutor(1), id="threads"),
     pytest.param(lambda: propagate.wrap_executor(cf.ThreadPoolExecutor(1)), id="wrap-threads"),
-    pytest.param(lambda: propagate.ProcessPoolExecutor(1), id="processes"),
+    *_process_kinds(),
     pytest.param(lambda: propagate.wrap_executor(cf.ProcessPoolExecutor(1)), id="wrap-processes"),
     *_interpreter_kinds(),
 ])
@@ -312,7 +314,8 @@ def test_no_executor_keeps_the_submitters_context(make: Callable[[], cf.Executor
     """I5: after its task, nothing the submitter's context held is kept alive by the pool.
 
     The first submit starts the worker: under 3.14's thread_inherit_context the stdlib
-    would start it in a copy of the submitter's context and keep that for its life.
+    would start it in a copy of the submitter's context and keep that for its life. A
+    process pool runs under each start method: under fork, submit forks the worker.
     """
     with make() as executor:
         def submit() -> weakref.ref[Held]:
@@ -365,15 +368,6 @@ def test_to_thread_keeps_nothing(executor: str | None) -> None:
         pool.shutdown()
 
 
-def assert_freed(ref: weakref.ref[Any]) -> None:
-    """The stdlib deletes a work item just after resolving its future: poll a little."""
-    deadline = time.monotonic() + WAIT
-    while ref() is not None and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.01)
-    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
-
-
 @pytest.mark.skipif(sys.version_info < (3, 14), reason="map(buffersize=) is new in 3.14")
 @pytest.mark.parametrize(("ours", "stdlib"), DROP_INS, ids=lambda c: c.__module__)
 def test_map_with_buffersize_keeps_the_context(ours: type, stdlib: type) -> None:
@@ -414,7 +408,7 @@ def test_link_alone_gives_a_linked_task_span(exporter: InMemorySpanExporter) -> 
     with propagate.ThreadPoolExecutor(1, link=True) as pool, \
             trace.get_tracer("tests").start_as_current_span("caller") as caller:
         pool.submit(os.getpid).result(timeout=WAIT)
-    [task] = [s for s in exporter.get_finished_spans() if s.name == "getpid"]
+    task = one_span(exporter, "getpid")
     assert task.parent is None
     assert [lk.context.span_id for lk in task.links] == [caller.get_span_context().span_id]
 
@@ -451,7 +445,7 @@ def test_pools_reach_a_patched_stdlib_submit(patched_stdlib_submit: list[str],
 
 
 def test_subclass_submit_is_honoured() -> None:
-    """Stdlib shape: a subclass overriding submit sees every call, map's included."""
+    """API: a subclass overriding submit sees every call, map's included."""
     class Counting(propagate.ThreadPoolExecutor):
         submitted = 0
 

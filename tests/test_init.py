@@ -27,7 +27,7 @@ MEMBERS = {
     "DetachedContext": ["attach", "to_carrier", "from_carrier"],
 }
 SUBMODULES = {
-    "propagate.dns": ["Resolver", "getaddrinfo", "resolve"],
+    "propagate.dns": ["Resolver", "getaddrinfo", "resolve", "AiohttpResolver", "LookupTimeout"],
     "propagate.debug": [],
     "propagate.__main__": [],  # python -m propagate demo | doctor
 }
@@ -121,7 +121,7 @@ def test_public_members_have_docstrings(name):
 
 
 def test_wrapper_docstrings_say_like():
-    """STYLE: the docstrings of the drop-in wrappers open with "Like `X`, but ..."."""
+    """API: the docstrings of the drop-in wrappers open with "Like `X`, but ..."."""
     wrappers = ["ThreadPoolExecutor", "ProcessPoolExecutor", "Thread", "Timer", "wrap",
                 "wrap_executor", "span"]
     unlike = [name for name in wrappers

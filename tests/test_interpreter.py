@@ -2,22 +2,20 @@
 
 A subinterpreter shares no objects with the caller: tasks cross pickled, as to a process,
 and the spans they record come home through the relay. The task functions live in
-`tests.process_tasks`; lambdas and closures defined here cross by value.
+`tests.process_tasks`; lambdas and closures defined here cross by value. I5, for every
+pool, is checked in test_executor.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import gc
 import subprocess
 import sys
 import textwrap
 import threading
 import types
-import weakref
 from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 import pytest
@@ -26,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import propagate
 from tests import process_tasks as pt
-from tests.conftest import with_baggage, with_processor
+from tests.helpers import one_span, with_baggage, with_processor
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 14),
                                 reason="InterpreterPoolExecutor is new in Python 3.14")
@@ -154,7 +152,7 @@ def test_what_cannot_be_rebuilt_there_fails_as_the_stdlibs(pool: cf.Executor, ta
 
 
 def test_small_plain_tasks_are_pickled_at_submit(tmp_path: Any) -> None:
-    """As documented: a small task of plain data is pickled at submit, so a list changed
+    """API: as documented, a small task of plain data is pickled at submit, so a list changed
     after submit arrives as it was (the stdlib's pool would send it as it is then); a big
     one is pickled when sent, and arrives changed."""
     gate = str(tmp_path / "gate")
@@ -174,7 +172,7 @@ def test_small_plain_tasks_are_pickled_at_submit(tmp_path: Any) -> None:
                          ids=["small", "big", "object"])
 def test_arguments_cross_with_the_context(
         pool: cf.Executor, tracer: trace.Tracer, data: Any) -> None:
-    """Plain arguments of any size, and objects, arrive whole, with the submitter's
+    """I1: plain arguments of any size, and objects, arrive whole, with the submitter's
     context."""
     seen, request = in_request(tracer, lambda: pool.submit(pt.digest, data).result(timeout=WAIT))
     assert seen["digest"] == pt.digest(data)["digest"]
@@ -183,7 +181,7 @@ def test_arguments_cross_with_the_context(
 
 
 def test_main_functions_of_a_script_as_the_stdlibs(tmp_path: Any) -> None:
-    """A script's ``__main__`` functions cross by name, as with the stdlib's pool, so they
+    """API: a script's ``__main__`` functions cross by name, as with the stdlib's pool, so they
     see the same ``__main__`` an initializer sets globals in."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent("""
@@ -270,28 +268,8 @@ def test_fire_and_forget_parent(pool: cf.Executor, tracer: trace.Tracer,
     with tracer.start_as_current_span("short") as short:
         future = pool.submit(pt.record_spans, "later")
     future.result(timeout=WAIT)
-    [later] = [s for s in exporter.get_finished_spans() if s.name == "later"]
+    later = one_span(exporter, "later")
     assert later.parent.span_id == short.get_span_context().span_id
-
-
-class Payload:
-    """A value whose lifetime a weak reference can watch."""
-
-    def __reduce__(self) -> Any:
-        return (Payload, ())
-
-
-def test_no_reference_held_after_the_task(pool: cf.Executor) -> None:
-    """I5: neither the pool nor its worker threads keep the submitter's context alive."""
-    var: ContextVar[Payload] = ContextVar("test_interpreter.payload")
-    payload = Payload()
-    ref = weakref.ref(payload)
-    token = var.set(payload)
-    pool.submit(pt.square, 1).result(timeout=WAIT)
-    var.reset(token)
-    del payload, token
-    gc.collect()
-    assert ref() is None
 
 
 def test_task_spans_and_link(tracer: trace.Tracer, exporter: InMemorySpanExporter) -> None:
@@ -299,7 +277,7 @@ def test_task_spans_and_link(tracer: trace.Tracer, exporter: InMemorySpanExporte
     with propagate.InterpreterPoolExecutor(1, task_spans=True, link=True) as pool, \
             tracer.start_as_current_span("caller") as caller:
         pool.submit(pt.square, 1).result(timeout=WAIT)
-    [task] = [s for s in exporter.get_finished_spans() if s.name == "square"]
+    task = one_span(exporter, "square")
     assert task.parent is None
     assert task.context.trace_id != caller.get_span_context().trace_id
     assert [lk.context.span_id for lk in task.links] == [caller.get_span_context().span_id]
@@ -341,7 +319,7 @@ def test_exception_object_raised_by_several_tasks_sends_each_span_once(
 
 
 def test_baggage_crosses_as_strings(pool: cf.Executor) -> None:
-    """Baggage crosses as OpenTelemetry carries it, as strings."""
+    """I1: baggage crosses as OpenTelemetry carries it, as strings."""
     with with_baggage(count=3):
         assert pool.submit(pt.baggage_value, "count").result(timeout=WAIT) == "3"
 

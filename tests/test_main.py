@@ -50,7 +50,8 @@ def test_demo_json_parentage(demo_spans: list[dict[str, object]]) -> None:
 
 
 def test_demo_stdlib_shows_the_broken_tree() -> None:
-    """The stdlib's run of the same request falls apart: orphans, and worker spans lost."""
+    """I1, I6: the baseline: the stdlib's run of the same request falls apart: orphans, and
+    worker spans lost."""
     done = run("demo", "--stdlib")
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
@@ -64,7 +65,7 @@ def test_demo_stdlib_shows_the_broken_tree() -> None:
 
 
 def test_doctor_reports_what_a_bug_report_needs() -> None:
-    """doctor prints the interpreter, versions, provider and start method, and exits 0."""
+    """API: doctor prints the interpreter, versions, provider and start method, and exits 0."""
     done = run("doctor")
     assert done.returncode == 0 and done.stderr == "", done.stderr
     for label in ("python", "free-threaded build", "default start method", "opentelemetry-api",

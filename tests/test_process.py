@@ -2,14 +2,15 @@
 
 Every test that uses a pool runs under each start method (fork, forkserver, spawn). The
 task functions live in `tests.process_tasks`, so spawn and forkserver workers can import
-them; lambdas, closures and local functions defined here cross by cloudpickle.
+them; lambdas, closures and local functions defined here cross by cloudpickle. I5, for
+every pool and start method, is checked in test_executor.py; the envelope a task crosses
+in, in test_wire.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import gc
 import os
 import pickle
 import signal
@@ -17,10 +18,8 @@ import socket
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from contextvars import ContextVar
 from multiprocessing.context import BaseContext
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -32,10 +31,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import propagate
-from propagate import _wire
-from propagate._executor import Options, bind_detached, run_detached
 from tests import process_tasks as pt
-from tests.conftest import extra_state, with_baggage
+from tests.helpers import current_ids, extra_state, one_span, setting, with_baggage
 from tests.process_tasks import REQUEST_ID, UNREGISTERED
 
 TIMEOUT = 60  # generous: a loaded 2-core box starting spawn workers; only bounds a hang
@@ -88,35 +85,15 @@ def span_pool(pools: _Pools, mp_context: BaseContext) -> propagate.ProcessPoolEx
 
 # -- helpers -----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def setvar(var: ContextVar[Any], value: Any) -> Iterator[None]:
-    token = var.set(value)
-    try:
-        yield
-    finally:
-        var.reset(token)
-
-
 def relayed(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     """The exported spans that were recorded in another process."""
     return [s for s in exporter.get_finished_spans()
             if s.resource.attributes.get("process.pid", os.getpid()) != os.getpid()]
 
 
-def named(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
-    matches = [s for s in exporter.get_finished_spans() if s.name == name]
-    assert len(matches) == 1, [s.name for s in exporter.get_finished_spans()]
-    return matches[0]
-
-
 def assert_unique(exporter: InMemorySpanExporter) -> None:
     ids = [s.context.span_id for s in exporter.get_finished_spans()]
     assert len(ids) == len(set(ids)), ids
-
-
-def current_ids() -> tuple[int, int]:
-    sc = trace.get_current_span().get_span_context()
-    return sc.trace_id, sc.span_id
 
 
 @contextlib.contextmanager
@@ -149,7 +126,7 @@ def wait_done(futures: list[cf.Future[Any]]) -> None:
 # -- constructor ---------------------------------------------------------------------------
 
 def test_max_workers_checked_as_the_stdlib_does() -> None:
-    """Drop-in: a bad max_workers fails at construction with the stdlib's own message."""
+    """API: a bad max_workers fails at construction with the stdlib's own message."""
     with pytest.raises(ValueError, match="max_workers must be greater than 0"):
         propagate.ProcessPoolExecutor(max_workers=0)
 
@@ -161,7 +138,7 @@ def test_tasks_of_one_request_share_a_template_and_nothing_leaks(
     with propagate.ProcessPoolExecutor(1, mp_context) as pool:
         before = pool.submit(pt.templates).result(timeout=TIMEOUT)  # a fork inherits some
         with tracer.start_as_current_span("request"), with_baggage(user="alice"), \
-                setvar(REQUEST_ID, "req-1"):
+                setting(REQUEST_ID, "req-1"):
             ids = current_ids()
             leaked = pool.submit(pt.leak).result(timeout=TIMEOUT)
             after = pool.submit(pt.observe).result(timeout=TIMEOUT)
@@ -177,7 +154,7 @@ def test_tasks_of_one_request_share_a_template_and_nothing_leaks(
 def test_a_mutable_registered_value_is_each_tasks_own(mp_context: BaseContext) -> None:
     """I2: a registered value that can change (a list) is never shared by two tasks."""
     with propagate.ProcessPoolExecutor(1, mp_context) as pool, \
-            setvar(REQUEST_ID, ["a"]):  # type: ignore[arg-type]
+            setting(REQUEST_ID, ["a"]):  # type: ignore[arg-type]
         seen = [pool.submit(pt.append_to_request, "x").result(timeout=TIMEOUT)
                 for _ in range(3)]
     assert seen == [["a", "x"]] * 3
@@ -189,7 +166,7 @@ def test_a_worker_context_set_by_the_initializer_is_seen_with_the_request(
     """I1: where the worker's own context holds something (set by an initializer), each
     task runs in a copy of it, with the request's context entered over it."""
     with propagate.ProcessPoolExecutor(1, mp_context, pt.mark_worker, ("worker",)) as pool, \
-            tracer.start_as_current_span("request"), setvar(REQUEST_ID, "req-2"):
+            tracer.start_as_current_span("request"), setting(REQUEST_ID, "req-2"):
         ids = current_ids()
         before = pool.submit(pt.templates).result(timeout=TIMEOUT)
         seen = [pool.submit(pt.observe).result(timeout=TIMEOUT) for _ in range(2)]
@@ -202,7 +179,7 @@ def test_a_worker_context_set_by_the_initializer_is_seen_with_the_request(
 def test_initializer_and_initargs(mp_context: BaseContext) -> None:
     """I1: positional initializer and initargs run in each worker; tasks still get the context."""
     with propagate.ProcessPoolExecutor(1, mp_context, pt.initialize, ("ready",)) as pool, \
-            setvar(REQUEST_ID, "req-init"):
+            setting(REQUEST_ID, "req-init"):
         assert pool.submit(pt.initialized).result(timeout=TIMEOUT) == ("ready", "req-init")
 
 
@@ -217,7 +194,7 @@ def test_max_tasks_per_child(mp_context: BaseContext) -> None:
         assert str(ours.value) == str(stdlib.value)
         return
     with propagate.ProcessPoolExecutor(1, mp_context, max_tasks_per_child=1) as pool, \
-            setvar(REQUEST_ID, "req-child"):
+            setting(REQUEST_ID, "req-child"):
         first = pool.submit(pt.observe).result(timeout=TIMEOUT)
         second = pool.submit(pt.observe).result(timeout=TIMEOUT)
     assert first["pid"] != second["pid"]
@@ -236,7 +213,7 @@ def test_worker_span_is_child_of_submitter(pool: propagate.ProcessPoolExecutor,
     assert got["pid"] != os.getpid()
     [(_, trace_id, span_id, parent_id)] = got["spans"]
     assert (trace_id, parent_id) == (sc.trace_id, sc.span_id)
-    work = named(exporter, "work")
+    work = one_span(exporter, "work")
     assert work.context.span_id == span_id
     assert work.parent is not None and work.parent.is_remote
     assert (work.context.trace_id, work.parent.span_id) == (sc.trace_id, sc.span_id)
@@ -246,7 +223,7 @@ def test_baggage_and_registered_vars_cross(pool: propagate.ProcessPoolExecutor,
                                            tracer: trace.Tracer) -> None:
     """I1: the current span, baggage and registered ContextVars cross; unregistered ones do not."""
     with tracer.start_as_current_span("submitter"), with_baggage(user="alice", tenant="t1"), \
-            setvar(REQUEST_ID, "req-1"), setvar(UNREGISTERED, "mine"):
+            setting(REQUEST_ID, "req-1"), setting(UNREGISTERED, "mine"):
         got = pool.submit(pt.observe).result(timeout=TIMEOUT)
         trace_id, span_id = current_ids()
     assert got["pid"] != os.getpid()
@@ -267,29 +244,9 @@ def test_no_current_span_crosses_as_none(pool: propagate.ProcessPoolExecutor) ->
 
 def test_worker_forked_by_submit_inherits_nothing(mp_context: BaseContext) -> None:
     """I1: a worker started by a submit made under an unregistered value does not see it."""
-    with propagate.ProcessPoolExecutor(1, mp_context) as pool, setvar(UNREGISTERED, "mine"):
+    with propagate.ProcessPoolExecutor(1, mp_context) as pool, setting(UNREGISTERED, "mine"):
         got = pool.submit(pt.observe).result(timeout=TIMEOUT)
     assert got["unregistered"] == "default"
-
-
-class _Payload:
-    """Something only the submitter's context refers to."""
-
-
-def test_no_reference_held_after_the_task(mp_context: BaseContext) -> None:
-    """I5: nothing the first submit starts (workers, the pool's threads) keeps the
-    submitter's context alive (under 3.14's thread_inherit_context, threads started in
-    submit would copy it)."""
-    var: ContextVar[_Payload] = ContextVar("test_process.payload")
-    payload = _Payload()
-    ref = weakref.ref(payload)
-    with propagate.ProcessPoolExecutor(1, mp_context) as pool:
-        token = var.set(payload)
-        pool.submit(pt.square, 1).result(timeout=TIMEOUT)
-        var.reset(token)
-        del payload, token
-        gc.collect()
-        assert ref() is None
 
 
 def test_lambdas_closures_and_local_functions(pool: propagate.ProcessPoolExecutor) -> None:
@@ -305,14 +262,14 @@ def test_lambdas_closures_and_local_functions(pool: propagate.ProcessPoolExecuto
     assert pool.submit(lambda x: x + 1, 41).result(timeout=TIMEOUT) == 42
     assert pool.submit(add, 5).result(timeout=TIMEOUT) == 15
     assert pool.submit(where).result(timeout=TIMEOUT) not in (os.getpid(), None)
-    with setvar(REQUEST_ID, "req-local"):
+    with setting(REQUEST_ID, "req-local"):
         assert pool.submit(lambda: (REQUEST_ID.get(), offset)).result(timeout=TIMEOUT) == (
             "req-local", 10)
 
 
 def test_lambda_reading_registered_var(pool: propagate.ProcessPoolExecutor) -> None:
     """I1: a lambda that refers to a registered ContextVar global sees the submitter's value."""
-    with setvar(REQUEST_ID, "req-lambda"):
+    with setting(REQUEST_ID, "req-lambda"):
         assert pool.submit(lambda: REQUEST_ID.get()).result(timeout=TIMEOUT) == "req-lambda"
 
 
@@ -322,7 +279,7 @@ def test_task_changes_do_not_leak(pool: propagate.ProcessPoolExecutor,
                                   tracer: trace.Tracer) -> None:
     """I2: what a task sets is seen neither by the submitter nor by the next task on the worker."""
     with tracer.start_as_current_span("submitter"), with_baggage(user="alice"), \
-            setvar(REQUEST_ID, "outer"):
+            setting(REQUEST_ID, "outer"):
         before = current_ids()
         leaked = pool.submit(pt.leak).result(timeout=TIMEOUT)
         assert (leaked["request_id"], leaked["unregistered"]) == ("leaked", "leaked")
@@ -339,7 +296,7 @@ def test_task_changes_do_not_leak(pool: propagate.ProcessPoolExecutor,
 
 def test_map_chunk_items_do_not_share_context(pool: propagate.ProcessPoolExecutor) -> None:
     """I2: with map(chunksize > 1) each item starts from the submitter's context, not the last."""
-    with with_baggage(user="alice"), setvar(REQUEST_ID, "outer"):
+    with with_baggage(user="alice"), setting(REQUEST_ID, "outer"):
         seen = list(pool.map(pt.observe_then_leak, range(4), chunksize=4, timeout=TIMEOUT))
     assert [(s["request_id"], s["unregistered"], s["baggage"]) for s in seen] == [
         ("outer", "default", {"user": "alice"})] * 4
@@ -357,8 +314,8 @@ def test_submitter_span_may_end_before_task_runs(pool: propagate.ProcessPoolExec
         assert submitter.end_time is not None  # type: ignore[attr-defined]
         assert not fut.done()  # the only worker is still held
     fut.result(timeout=TIMEOUT)
-    ended = named(exporter, "short-lived")
-    late = named(exporter, "after-end")
+    ended = one_span(exporter, "short-lived")
+    late = one_span(exporter, "after-end")
     assert late.parent is not None
     assert (late.context.trace_id, late.parent.span_id) == (
         ended.context.trace_id, ended.context.span_id)
@@ -382,7 +339,7 @@ def test_worker_spans_arrive_once_before_future_resolves(pool: propagate.Process
     assert at_resolution == [["inner", "outer"]]
     assert sorted(s.name for s in exporter.get_finished_spans()) == ["inner", "outer", "submitter"]
     assert_unique(exporter)
-    outer, inner = named(exporter, "outer"), named(exporter, "inner")
+    outer, inner = one_span(exporter, "outer"), one_span(exporter, "inner")
     sc = submitter.get_span_context()
     assert outer.parent is not None and inner.parent is not None
     assert outer.parent.span_id == sc.span_id
@@ -404,7 +361,7 @@ def test_relayed_spans_carry_worker_pid_and_parent_resource(
         pool: propagate.ProcessPoolExecutor, exporter: InMemorySpanExporter) -> None:
     """I6: a relayed span's resource is the parent's, plus the worker's process.pid."""
     got = pool.submit(pt.record_spans, "resourced").result(timeout=TIMEOUT)
-    span = named(exporter, "resourced")
+    span = one_span(exporter, "resourced")
     attributes = span.resource.attributes
     assert attributes["process.pid"] == got["pid"] != os.getpid()
     parent = trace.get_tracer_provider().resource.attributes  # type: ignore[attr-defined]
@@ -423,7 +380,7 @@ def test_spans_of_failed_task_arrive(pool: propagate.ProcessPoolExecutor,
         with pytest.raises(pt.TaskError) as info:
             fut.result(timeout=TIMEOUT)
         assert [s.name for s in exporter.get_finished_spans()] == ["doomed"]
-    doomed = named(exporter, "doomed")
+    doomed = one_span(exporter, "doomed")
     assert doomed.parent is not None
     assert doomed.parent.span_id == submitter.get_span_context().span_id
     assert_unique(exporter)
@@ -468,7 +425,7 @@ def test_nothing_lost_when_pool_shuts_down(mp_context: BaseContext,
     assert len(relayed(exporter)) == 8
     assert_unique(exporter)
     for i in range(4):
-        task, child = named(exporter, f"task-{i}"), named(exporter, f"task-{i}-child")
+        task, child = one_span(exporter, f"task-{i}"), one_span(exporter, f"task-{i}-child")
         assert task.parent is not None and child.parent is not None
         assert task.parent.span_id == submitter.get_span_context().span_id
         assert child.parent.span_id == task.context.span_id
@@ -496,7 +453,7 @@ def test_task_span_in_worker(span_pool: propagate.ProcessPoolExecutor,
     """I6: task_spans names a span after the function, in the worker, under the submitter."""
     with tracer.start_as_current_span("submitter") as submitter:
         got = span_pool.submit(pt.observe).result(timeout=TIMEOUT)
-    task = named(exporter, "observe")
+    task = one_span(exporter, "observe")
     assert task.context.span_id == got["span_id"]  # current in the task
     assert task.parent is not None
     assert task.parent.span_id == submitter.get_span_context().span_id
@@ -516,7 +473,7 @@ def test_task_span_link(mp_context: BaseContext, exporter: InMemorySpanExporter,
             tracer.start_as_current_span("submitter") as submitter:
         pool.submit(pt.record_spans, "linked-child").result(timeout=TIMEOUT)
     sc = submitter.get_span_context()
-    task, child = named(exporter, "record_spans"), named(exporter, "linked-child")
+    task, child = one_span(exporter, "record_spans"), one_span(exporter, "linked-child")
     assert task.parent is None
     assert task.context.trace_id != sc.trace_id
     assert [(lk.context.trace_id, lk.context.span_id) for lk in task.links] == [
@@ -544,7 +501,7 @@ def test_unpicklable_registered_value_fails_at_submit(pool: propagate.ProcessPoo
                                                       tmp_path: Path) -> None:
     """I7: an unpicklable registered value fails submit, naming the variable, queueing nothing."""
     mark = tmp_path / "ran"
-    with setvar(REQUEST_ID, threading.Lock()), \
+    with setting(REQUEST_ID, threading.Lock()), \
             pytest.raises(propagate.ContextSerializationError) as info:
         pool.submit(pt.touch, str(mark))
     assert REQUEST_ID_NAME in str(info.value)
@@ -631,7 +588,7 @@ def test_task_that_cannot_be_unpickled_in_the_worker_breaks_the_pool_as_the_stdl
 # -- what the stdlib's pickler sends, propagate sends -----------------------------------------
 
 def test_pipe_end_crosses_as_the_stdlib_sends_it(pool: propagate.ProcessPoolExecutor) -> None:
-    """A multiprocessing Connection crosses through multiprocessing's reducer: a live pipe."""
+    """API: a multiprocessing Connection crosses through multiprocessing's reducer: a live pipe."""
     mine, theirs = pool._mp_context.Pipe()  # type: ignore[attr-defined]
     with mine, theirs:
         worker = pool.submit(pt.send_on, theirs, {"hello": "parent"}).result(timeout=TIMEOUT)
@@ -641,7 +598,7 @@ def test_pipe_end_crosses_as_the_stdlib_sends_it(pool: propagate.ProcessPoolExec
 
 
 def test_socket_crosses_as_the_stdlib_sends_it(pool: propagate.ProcessPoolExecutor) -> None:
-    """A socket crosses through multiprocessing's reducer, duplicated into the worker."""
+    """API: a socket crosses through multiprocessing's reducer, duplicated into the worker."""
     mine, theirs = socket.socketpair()
     with mine, theirs:
         assert pool.submit(pt.send_on_socket, theirs, b"ping").result(timeout=TIMEOUT) == 4
@@ -650,7 +607,7 @@ def test_socket_crosses_as_the_stdlib_sends_it(pool: propagate.ProcessPoolExecut
 
 
 def test_registered_reducer_is_used_once_per_send(pool: propagate.ProcessPoolExecutor) -> None:
-    """A reducer registered with ForkingPickler.register is used, and runs once per send."""
+    """API: a reducer registered with ForkingPickler.register is used, and runs once per send."""
     calls = []
 
     def reduce_marked(value: pt.Marked) -> tuple[Any, ...]:
@@ -669,12 +626,12 @@ def test_registered_reducer_is_used_once_per_send(pool: propagate.ProcessPoolExe
 def test_lambda_using_a_module_level_tracer(pool: propagate.ProcessPoolExecutor,
                                             exporter: InMemorySpanExporter,
                                             tracer: trace.Tracer) -> None:
-    """The standard idiom: a lambda using ``tracer = trace.get_tracer(__name__)`` is sent,
+    """I1, I6: the standard idiom: a lambda using ``tracer = trace.get_tracer(__name__)`` is sent,
     the tracer by reference to the worker's own provider, and its span comes home."""
     with tracer.start_as_current_span("submitter"):
         submitter = current_ids()
         pool.submit(lambda: pt.tracer.start_span("from a lambda").end()).result(timeout=TIMEOUT)
-    span = named(exporter, "from a lambda")
+    span = one_span(exporter, "from a lambda")
     assert span.parent is not None
     assert (span.context.trace_id, span.parent.span_id) == submitter
     assert span.instrumentation_scope is not None
@@ -701,7 +658,7 @@ class AmbiguousEquality:
 
 
 def test_baggage_crosses_as_strings(pool: propagate.ProcessPoolExecutor) -> None:
-    """Baggage is strings, as OpenTelemetry carries it: other values cross as ``str(value)``.
+    """I1: baggage is strings, as OpenTelemetry carries it: other values cross as ``str(value)``.
 
     A value whose ``==`` raises crosses too, task after task in one worker.
     """
@@ -714,6 +671,7 @@ def test_baggage_crosses_as_strings(pool: propagate.ProcessPoolExecutor) -> None
 
 def test_baggage_value_with_no_string_fails_at_submit_naming_the_key(
         pool: propagate.ProcessPoolExecutor) -> None:
+    """I7: a baggage value with no string form fails at submit, naming its key."""
     with with_baggage(broken=NoString()), \
             pytest.raises(propagate.ContextSerializationError, match="'broken'"):
         pool.submit(pt.square, 2)
@@ -760,6 +718,8 @@ def test_result_that_cannot_be_pickled_fails_and_its_spans_arrive(
 
 def test_exception_that_cannot_be_pickled_fails_and_its_spans_arrive(
         pool: propagate.ProcessPoolExecutor, exporter: InMemorySpanExporter) -> None:
+    """I6: an exception the worker cannot send fails with the pickler's own error, as with
+    the stdlib; the task's spans still arrive, once."""
     with pytest.raises(TypeError, match="lock"):
         pool.submit(pt.raise_unpicklable, "kept").result(timeout=TIMEOUT)
     assert [s.name for s in relayed(exporter)] == ["kept"]
@@ -793,7 +753,7 @@ def test_spans_arrive_once_with_max_tasks_per_child(mp_context: BaseContext,
 
 def test_worker_provider_with_its_own_active_processor_runs_tasks(
         mp_context: BaseContext, exporter: InMemorySpanExporter, tracer: trace.Tracer) -> None:
-    """I7: a worker whose provider has an active span processor the relay can neither
+    """I9: a worker whose provider has an active span processor the relay can neither
     replace nor add to (set up by the initializer) still runs every task; its spans stay
     in the worker (one warning there), none arrives twice."""
     with propagate.ProcessPoolExecutor(1, mp_context=mp_context,
@@ -805,38 +765,6 @@ def test_worker_provider_with_its_own_active_processor_runs_tasks(
     assert sorted(s.name for s in relayed(exporter)) == expected  # fork: the session's provider
 
 
-# -- the wire has a version -----------------------------------------------------------------------
-
-def test_pending_tasks_of_one_context_share_its_fields(tracer: trace.Tracer) -> None:
-    """A pending task holds one tuple more than the stdlib's: its envelope, spread as the
-    call's arguments. What it shares with the other tasks of its context (the empty kwargs,
-    the task fields, the sealed context) is one object for all."""
-    options = Options.checked()
-    with tracer.start_as_current_span("submitter"), with_baggage(user="alice"):
-        calls = [bind_detached(pt.square, (i,), {}, options) for i in range(3)]
-        with setvar(REQUEST_ID, "req-1"):
-            valued = [bind_detached(pt.square, (i,), {}, options) for i in range(2)]
-    first = calls[0][1]
-    assert [call for call, _, _ in calls] == [run_detached] * 3
-    assert first[:2] == (_wire.WIRE, propagate.__version__) and first[3] == (0,)
-    for _, other, _ in calls[1:]:
-        assert all(other[i] is first[i] for i in range(4, 7)), other
-    assert type(first[6]) is bytes and _wire.context_fields(first[6])[2] == {}
-    assert _wire.context_fields(valued[0][1][6])[2] == {REQUEST_ID.name: "req-1"}
-    assert run_detached(*pickle.loads(ForkingPickler.dumps(calls[2][1]))) == 4  # spread: runs
-
-
-def test_task_from_another_release_fails_naming_both_versions(mp_context: BaseContext) -> None:
-    """A worker on another release of propagate fails the task at once, naming both."""
-    forged = (_wire.WIRE + 1, "9.9.9", b"whatever comes next")
-    with cf.ProcessPoolExecutor(1, mp_context=mp_context) as stdlib:
-        error = stdlib.submit(run_detached, forged).exception(timeout=TIMEOUT)
-        old = stdlib.submit(run_detached, b"a 0.1 blob").exception(timeout=TIMEOUT)
-    assert isinstance(error, RuntimeError)
-    assert "9.9.9" in str(error) and propagate.__version__ in str(error)
-    assert isinstance(old, RuntimeError) and "0.1" in str(old)
-
-
 # -- I7: faults ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("die", [pt.exit_now, pt.kill_self], ids=["os._exit", "SIGKILL"])
@@ -844,7 +772,7 @@ def test_dead_worker_breaks_pool(mp_context: BaseContext, tracer: trace.Tracer,
                                  die: Callable[[], None]) -> None:
     """I7: a worker dying mid-task gives BrokenProcessPool in bounded time; context intact."""
     with tracer.start_as_current_span("submitter"), with_baggage(user="alice"), \
-            setvar(REQUEST_ID, "req-dead"):
+            setting(REQUEST_ID, "req-dead"):
         before = current_ids()
         with propagate.ProcessPoolExecutor(1, mp_context) as pool:
             fut = pool.submit(die)
@@ -913,7 +841,7 @@ def test_keyboard_interrupt_in_the_parent_while_tasks_run(
 # -- cancellation, as the stdlib -----------------------------------------------------------
 
 def test_cancel_queued_future(pool: propagate.ProcessPoolExecutor, tmp_path: Path) -> None:
-    """I7: a queued future cancels and never runs, a running one cannot cancel: as in the stdlib."""
+    """API: a queued future cancels and never runs, a running one cannot: as in the stdlib."""
     mark = tmp_path / "ran"
     with held(pool, tmp_path / "gate") as blocker:
         # The call queue holds max_workers + 1 items: the fourth submit is surely still pending.
@@ -931,7 +859,7 @@ def test_cancel_queued_future(pool: propagate.ProcessPoolExecutor, tmp_path: Pat
 
 
 def test_shutdown_cancel_futures(mp_context: BaseContext, tmp_path: Path) -> None:
-    """I7: shutdown(cancel_futures=True) cancels what has not started, as in the stdlib."""
+    """API: shutdown(cancel_futures=True) cancels what has not started, as in the stdlib."""
     mark = tmp_path / "ran"
     gate = tmp_path / "gate"
     with propagate.ProcessPoolExecutor(1, mp_context) as pool:

@@ -17,8 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import propagate
 from propagate.pytest_plugin import Spans
-
-from . import conftest
+from tests.helpers import PROVIDER
 
 pytest_plugins = ["pytester"]
 
@@ -37,7 +36,7 @@ def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
 
 
 def test_plugin_is_registered_as_a_pytest11_entry_point() -> None:
-    """Plugin: installing propagate registers the plugin with pytest."""
+    """API: installing propagate registers the plugin with pytest."""
     found: Any = importlib.metadata.entry_points()
     group = found.select(group="pytest11") if hasattr(found, "select") else found["pytest11"]
     points = [e for e in group if e.name == "propagate"]
@@ -77,16 +76,16 @@ def test_plugin_loads_without_the_sdk(pytester: pytest.Pytester) -> None:
 
 def test_spans_fixture_sits_beside_the_session_provider(spans: Spans,
                                                         exporter: InMemorySpanExporter) -> None:
-    """Plugin: spans adds an exporter to the provider already set; it never replaces it."""
+    """API: spans adds an exporter to the provider already set; it never replaces it."""
     with propagate.span("here"):
         pass
-    assert trace.get_tracer_provider() is conftest.PROVIDER
+    assert trace.get_tracer_provider() is PROVIDER
     assert spans.names() == ["here"]
     assert [s.name for s in exporter.get_finished_spans()] == ["here"]
 
 
 def test_spans_are_kept_only_for_tests_that_ask(request: pytest.FixtureRequest) -> None:
-    """Plugin: outside tests using spans nothing is kept, so a long suite holds no spans."""
+    """I9: outside tests using spans nothing is kept, so a long suite holds no spans."""
     recorder = request.getfixturevalue("_propagate_recorder")
     with propagate.span("unwatched"):
         pass
@@ -94,7 +93,7 @@ def test_spans_are_kept_only_for_tests_that_ask(request: pytest.FixtureRequest) 
 
 
 def test_spans_tree_nests_children_and_orders_siblings(spans: Spans) -> None:
-    """Plugin: tree() indents by parentage and sorts siblings by name, whatever their order."""
+    """API: tree() indents by parentage and sorts siblings by name, whatever their order."""
     tracer = trace.get_tracer("tests")
     with tracer.start_as_current_span("request"):
         for name in ("b", "a", "b"):
@@ -165,7 +164,7 @@ def test_spans_fixture_in_a_user_suite(pytester: pytest.Pytester) -> None:
 
 
 def test_spans_fixture_joins_a_users_provider(pytester: pytest.Pytester) -> None:
-    """Plugin: with a user's SDK provider set, spans reach both its exporter and the fixture."""
+    """API: with a user's SDK provider set, spans reach both its exporter and the fixture."""
     pytester.makeconftest("""
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
@@ -193,7 +192,7 @@ def test_spans_fixture_joins_a_users_provider(pytester: pytest.Pytester) -> None
 
 
 def test_spans_fixture_refuses_a_provider_that_is_not_the_sdks(pytester: pytest.Pytester) -> None:
-    """Plugin: a global provider that cannot record gives a clear error, not an empty list."""
+    """API: a global provider that cannot record gives a clear error, not an empty list."""
     pytester.makeconftest("""
         from opentelemetry import trace
 
@@ -211,7 +210,7 @@ def test_spans_fixture_refuses_a_provider_that_is_not_the_sdks(pytester: pytest.
 
 
 def test_no_leaks_fails_tests_whose_workers_outlive_them(pytester: pytest.Pytester) -> None:
-    """Plugin: a thread, child process or asyncio task left running fails its test, by name."""
+    """API: a thread, child process or asyncio task left running fails its test, by name."""
     result = run(pytester, """
         import asyncio
         import multiprocessing
@@ -279,7 +278,7 @@ JITTERED = """
 
 
 def test_jitter_option_runs_every_test_under_jitter(pytester: pytest.Pytester) -> None:
-    """Plugin: --propagate-jitter=SEED jitters each test and reports the seed to rerun with."""
+    """API: --propagate-jitter=SEED jitters each test and reports the seed to rerun with."""
     result = run(pytester, JITTERED, "--propagate-jitter=7")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
@@ -291,7 +290,7 @@ def test_jitter_option_runs_every_test_under_jitter(pytester: pytest.Pytester) -
 
 
 def test_without_the_option_nothing_is_jittered(pytester: pytest.Pytester) -> None:
-    """Plugin: without --propagate-jitter no hook is installed and the header says nothing."""
+    """API: without --propagate-jitter no hook is installed and the header says nothing."""
     result = run(pytester, """
         from propagate import _switch
 

@@ -33,7 +33,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.status import Status, StatusCode
 
 from propagate import _relay
-from tests.conftest import extra_state, with_processor
+from tests.helpers import extra_state, one_span, with_processor
 
 SCHEMA = "https://opentelemetry.io/schemas/1.21.0"
 SOURCE = ("worker-host", 4242)  # where relayed spans were recorded: (host.name, process.pid)
@@ -101,8 +101,7 @@ def encoded(tracer: trace.Tracer, exporter: InMemorySpanExporter, name: str) -> 
     """A simple span as a worker's collector encodes it."""
     with tracer.start_as_current_span(name):
         pass
-    [finished] = [s for s in exporter.get_finished_spans() if s.name == name]
-    return _relay._encode(finished)
+    return _relay._encode(one_span(exporter, name))
 
 
 def identity(sc: SpanContext) -> tuple[Any, ...]:

@@ -25,8 +25,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 import propagate
-
-from . import conftest
+from tests.helpers import (
+    THREADS,
+    assert_ended_where_started,
+    detach_failures,
+    one_span,
+    spans_named,
+)
 
 TRACER = trace.get_tracer("tests")
 
@@ -35,25 +40,8 @@ def span_id(span: Any) -> int:
     return int(span.get_span_context().span_id)
 
 
-def finished(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
-    """The one finished span called ``name`` (ended exactly once)."""
-    [found] = [s for s in exporter.get_finished_spans() if s.name == name]
-    return found
-
-
 def parent_id(span: ReadableSpan) -> int | None:
     return None if span.parent is None else span.parent.span_id
-
-
-def assert_ended_where_started() -> None:
-    """Done when: every span started in these tests was ended on the thread that started it."""
-    assert conftest.THREADS.started
-    for sid, ident in conftest.THREADS.started.items():
-        assert conftest.THREADS.ended.get(sid) == ident, f"span {sid:016x}"
-
-
-def detach_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if "Failed to detach context" in r.getMessage()]
 
 
 def double_ends(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -77,7 +65,7 @@ def test_span_enters_and_exits_like_start_as_current_span(exporter: InMemorySpan
             assert inner.is_recording()
         assert trace.get_current_span() is outer
         assert not inner.is_recording()
-    exported = finished(exporter, "inner")
+    exported = one_span(exporter, "inner")
     assert exported.attributes == {"k": "v"}
     assert exported.kind is SpanKind.CLIENT
     assert parent_id(exported) == span_id(outer)
@@ -91,7 +79,7 @@ def test_span_records_exception(exporter: InMemorySpanExporter) -> None:
     with pytest.raises(ValueError) as info, propagate.span("failing"):
         raise error
     assert info.value is error
-    exported = finished(exporter, "failing")
+    exported = one_span(exporter, "failing")
     assert exported.status.status_code is StatusCode.ERROR
     assert exported.status.description == "ValueError: boom"
     assert [e.name for e in exported.events] == ["exception"]
@@ -100,11 +88,11 @@ def test_span_records_exception(exporter: InMemorySpanExporter) -> None:
 
 
 def test_span_exception_options_pass_through(exporter: InMemorySpanExporter) -> None:
-    """record_exception and set_status_on_exception work as for start_as_current_span."""
+    """I7: record_exception and set_status_on_exception work as for start_as_current_span."""
     quiet = propagate.span("quiet", record_exception=False, set_status_on_exception=False)
     with pytest.raises(KeyError), quiet:
         raise KeyError("k")
-    exported = finished(exporter, "quiet")
+    exported = one_span(exporter, "quiet")
     assert exported.events == ()
     assert exported.status.status_code is StatusCode.UNSET
 
@@ -133,17 +121,18 @@ def test_double_enter_raises(exporter: InMemorySpanExporter) -> None:
 
 def test_plain_opentelemetry_cross_thread_exit_corrupts(exporter: InMemorySpanExporter,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    """Baseline for I4: plain OpenTelemetry logs "Failed to detach context", sticks the caller."""
+    """I4: the baseline: plain OpenTelemetry logs "Failed to detach context", sticks the
+    caller."""
     def scenario() -> None:
         scope = TRACER.start_as_current_span("dns")
         dns = scope.__enter__()
         in_thread(scope.__exit__, None, None, None)
-        assert detach_failures(caplog)
+        assert detach_failures(caplog.records)
         assert trace.get_current_span() is dns  # stuck on a span that has ended
         assert not dns.is_recording()
         with TRACER.start_as_current_span("later") as later:
             assert later.parent is not None and later.parent.span_id == span_id(dns)
-        ended_on = conftest.THREADS.ended[span_id(dns)]
+        ended_on = THREADS.ended[span_id(dns)]
         assert ended_on != threading.get_ident()
 
     # a copy of the context, so the corruption stays out of the rest of the test
@@ -175,15 +164,15 @@ def test_cross_thread_exit_heals_on_entering_thread(exporter: InMemorySpanExport
         assert trace.get_current_span() is caller
         with TRACER.start_as_current_span("later") as later:
             pass
-    dns_span = finished(exporter, "dns")
-    assert conftest.THREADS.ended[span_id(dns)] == here.ident
-    assert conftest.THREADS.started[span_id(dns)] == here.ident
+    dns_span = one_span(exporter, "dns")
+    assert THREADS.ended[span_id(dns)] == here.ident
+    assert THREADS.started[span_id(dns)] == here.ident
     assert dns_span.end_time is not None
     assert times["before exit"] <= dns_span.end_time <= times["after exit"] <= times["heal"]
-    assert parent_id(finished(exporter, "later")) == span_id(caller)
+    assert parent_id(one_span(exporter, "later")) == span_id(caller)
     assert span_id(later) != span_id(dns)
     assert_ended_where_started()
-    assert not detach_failures(caplog) and not double_ends(caplog)
+    assert not detach_failures(caplog.records) and not double_ends(caplog)
 
 
 def test_cross_thread_exit_heals_when_next_span_entered(exporter: InMemorySpanExporter) -> None:
@@ -196,8 +185,8 @@ def test_cross_thread_exit_heals_when_next_span_entered(exporter: InMemorySpanEx
         with propagate.span("next"):
             pass
         assert trace.get_current_span() is caller
-    assert parent_id(finished(exporter, "next")) == span_id(caller)
-    assert conftest.THREADS.ended[span_id(dns)] == threading.get_ident()
+    assert parent_id(one_span(exporter, "next")) == span_id(caller)
+    assert THREADS.ended[span_id(dns)] == threading.get_ident()
     assert_ended_where_started()
 
 
@@ -208,7 +197,7 @@ def test_cross_thread_exit_records_error(exporter: InMemorySpanExporter) -> None
     with pytest.warns(propagate.CrossThreadExitWarning):
         in_thread(scope.__exit__, OSError, OSError("unreachable"), None)
     propagate.capture()
-    exported = finished(exporter, "dns")
+    exported = one_span(exporter, "dns")
     assert exported.status.status_code is StatusCode.ERROR
     assert [e.name for e in exported.events] == ["exception"]
     assert not trace.get_current_span().get_span_context().is_valid
@@ -227,7 +216,7 @@ def test_heal_waits_until_span_is_current_again(exporter: InMemorySpanExporter) 
         assert trace.get_current_span() is dns
         propagate.capture()
         assert trace.get_current_span() is caller
-    assert len([s for s in exporter.get_finished_spans() if s.name == "dns"]) == 1
+    assert len(spans_named(exporter, "dns")) == 1
     assert_ended_where_started()
 
 
@@ -266,7 +255,7 @@ def test_cross_thread_exit_after_entering_thread_finished(exporter: InMemorySpan
     assert not worker.is_alive()
     with pytest.warns(propagate.CrossThreadExitWarning):
         scopes[0].__exit__(None, None, None)
-    assert finished(exporter, "orphan").end_time is not None
+    assert one_span(exporter, "orphan").end_time is not None
 
 
 def test_cross_thread_exit_after_entering_thread_finished_holds_nothing(
@@ -285,7 +274,7 @@ def test_cross_thread_exit_after_entering_thread_finished_holds_nothing(
     worker.join(timeout=10)
     with pytest.warns(propagate.CrossThreadExitWarning):
         scopes[0].__exit__(None, None, None)
-    assert finished(exporter, "orphan")
+    assert one_span(exporter, "orphan")
     ref = weakref.ref(spans[0])
     del spans[:], scopes[:]
     gc.collect()
@@ -331,10 +320,10 @@ def test_cross_task_exit_heals_in_entering_task(exporter: InMemorySpanExporter,
 
     asyncio.run(main())
     assert "'enterer'" in seen["message"] and "'exiter'" in seen["message"]
-    assert len([s for s in exporter.get_finished_spans() if s.name == "dns"]) == 1
-    assert parent_id(finished(exporter, "after")) == span_id(seen["entering-task"])
+    assert len(spans_named(exporter, "dns")) == 1
+    assert parent_id(one_span(exporter, "after")) == span_id(seen["entering-task"])
     assert_ended_where_started()
-    assert not detach_failures(caplog) and not double_ends(caplog)
+    assert not detach_failures(caplog.records) and not double_ends(caplog)
 
 
 def test_cross_thread_exit_from_executor_in_asyncio(exporter: InMemorySpanExporter) -> None:
@@ -356,9 +345,9 @@ def test_cross_thread_exit_from_executor_in_asyncio(exporter: InMemorySpanExport
         return await asyncio.create_task(main(), name="resolver")
 
     request_id, dns_id = asyncio.run(resolver())
-    assert conftest.THREADS.ended[dns_id] == conftest.THREADS.started[dns_id]
-    assert parent_id(finished(exporter, "connect")) == request_id
-    assert len([s for s in exporter.get_finished_spans() if s.name == "dns"]) == 1
+    assert THREADS.ended[dns_id] == THREADS.started[dns_id]
+    assert parent_id(one_span(exporter, "connect")) == request_id
+    assert len(spans_named(exporter, "dns")) == 1
 
 
 def test_cross_task_exit_after_entering_task_finished_holds_nothing(
@@ -377,7 +366,7 @@ def test_cross_task_exit_after_entering_task_finished_holds_nothing(
             scope.__exit__(None, None, None)
 
     asyncio.run(main())
-    assert finished(exporter, "dns")
+    assert one_span(exporter, "dns")
     gc.collect()
     assert refs[0]() is None, [type(r) for r in gc.get_referrers(refs[0]())]
 
@@ -386,7 +375,8 @@ def test_cross_task_exit_after_entering_task_finished_holds_nothing(
 
 
 def test_trace_sync_function_bare_and_named(exporter: InMemorySpanExporter) -> None:
-    """trace names the span after the function or name=, makes it current, and keeps the parent."""
+    """I4: trace names the span after the function or name=, makes it current, and keeps the
+    parent."""
     @propagate.trace
     def bare(x: int) -> Any:
         return x, trace.get_current_span()
@@ -406,8 +396,8 @@ def test_trace_sync_function_bare_and_named(exporter: InMemorySpanExporter) -> N
         assert trace.get_current_span() is caller
     assert value == 3
     assert bare.__name__ == "bare"
-    assert finished(exporter, bare.__qualname__).context.span_id == span_id(inside)
-    assert finished(exporter, "custom").context.span_id == span_id(named_inside)
+    assert one_span(exporter, bare.__qualname__).context.span_id == span_id(inside)
+    assert one_span(exporter, "custom").context.span_id == span_id(named_inside)
     for s in exporter.get_finished_spans():
         if s.name != "caller":
             assert parent_id(s) == span_id(caller)
@@ -422,7 +412,7 @@ def test_trace_records_exception(exporter: InMemorySpanExporter) -> None:
 
     with pytest.raises(ValueError, match="bad"):
         failing()
-    assert finished(exporter, "failing").status.status_code is StatusCode.ERROR
+    assert one_span(exporter, "failing").status.status_code is StatusCode.ERROR
 
 
 def test_traced_coroutines_gathered_are_siblings(exporter: InMemorySpanExporter) -> None:
@@ -440,7 +430,7 @@ def test_traced_coroutines_gathered_are_siblings(exporter: InMemorySpanExporter)
             return span_id(caller), ids
 
     caller_id, ids = asyncio.run(main())
-    children = [s for s in exporter.get_finished_spans() if s.name == "child"]
+    children = spans_named(exporter, "child")
     assert len(children) == 5
     assert sorted(s.context.span_id for s in children) == sorted(ids)
     assert all(parent_id(s) == caller_id for s in children)
@@ -468,14 +458,14 @@ def test_traced_generator(exporter: InMemorySpanExporter) -> None:
         with pytest.raises(StopIteration) as stop:
             g.send("b")
         assert stop.value.value == "received ['a', 'b']"
-    exported = finished(exporter, "gen")
+    exported = one_span(exporter, "gen")
     assert exported.context.span_id == span_id(inside)
     assert parent_id(exported) == span_id(consumer)
     assert_ended_where_started()
 
 
 def test_traced_generator_throw(exporter: InMemorySpanExporter) -> None:
-    """throw() reaches the generator body; an uncaught one is recorded and propagates."""
+    """I7: throw() reaches the generator body; an uncaught one is recorded and propagates."""
     @propagate.trace(name="gen")
     def gen() -> Iterator[str]:
         try:
@@ -490,7 +480,7 @@ def test_traced_generator_throw(exporter: InMemorySpanExporter) -> None:
     assert not trace.get_current_span().get_span_context().is_valid
     with pytest.raises(ValueError, match="uncaught"):
         g.throw(ValueError("uncaught"))
-    exported = finished(exporter, "gen")
+    exported = one_span(exporter, "gen")
     assert exported.status.status_code is StatusCode.ERROR
     assert [e.attributes["exception.type"] for e in exported.events] == ["ValueError"]
     assert_ended_where_started()
@@ -505,7 +495,7 @@ def test_traced_generator_body_exception(exporter: InMemorySpanExporter) -> None
 
     with pytest.raises(LookupError, match="body"):
         list(gen())
-    assert finished(exporter, "gen").status.status_code is StatusCode.ERROR
+    assert one_span(exporter, "gen").status.status_code is StatusCode.ERROR
     assert_ended_where_started()
 
 
@@ -535,8 +525,8 @@ def test_traced_generator_closed_on_another_thread(exporter: InMemorySpanExporte
         assert in_thread(close_here)
         assert trace.get_current_span() is consumer
     assert closed == [True]
-    assert len([s for s in exporter.get_finished_spans() if s.name == "gen"]) == 1
-    assert not detach_failures(caplog) and not double_ends(caplog)
+    assert len(spans_named(exporter, "gen")) == 1
+    assert not detach_failures(caplog.records) and not double_ends(caplog)
 
 
 def test_traced_async_generator(exporter: InMemorySpanExporter) -> None:
@@ -562,7 +552,7 @@ def test_traced_async_generator(exporter: InMemorySpanExporter) -> None:
             return span_id(consumer), span_id(inside)
 
     consumer_id, inside_id = asyncio.run(main())
-    exported = finished(exporter, "agen")
+    exported = one_span(exporter, "agen")
     assert exported.context.span_id == inside_id
     assert parent_id(exported) == consumer_id
     assert exported.status.status_code is StatusCode.UNSET
@@ -582,7 +572,7 @@ def test_traced_async_generator_exception(exporter: InMemorySpanExporter) -> Non
                 pass
 
     asyncio.run(main())
-    assert finished(exporter, "agen").status.status_code is StatusCode.ERROR
+    assert one_span(exporter, "agen").status.status_code is StatusCode.ERROR
     assert_ended_where_started()
 
 
@@ -621,8 +611,8 @@ def test_traced_async_generator_closed_by_another_task(exporter: InMemorySpanExp
 
     asyncio.run(main())
     assert closed == [True]
-    assert len([s for s in exporter.get_finished_spans() if s.name == "agen"]) == 1
-    assert not detach_failures(caplog) and not double_ends(caplog)
+    assert len(spans_named(exporter, "agen")) == 1
+    assert not detach_failures(caplog.records) and not double_ends(caplog)
     assert_ended_where_started()
 
 
@@ -658,7 +648,7 @@ RAISED = [ValueError("boom"), asyncio.CancelledError(), KeyboardInterrupt(), Sys
 
 def outcome(exporter: InMemorySpanExporter, name: str) -> tuple[Any, str | None, int]:
     """A finished span's status code, description and number of exception events."""
-    s = finished(exporter, name)
+    s = one_span(exporter, name)
     return s.status.status_code, s.status.description, len(s.events)
 
 
@@ -773,7 +763,7 @@ def test_scope_left_open_by_a_finished_task_ends_at_its_exit(
         scope, ref = pool.submit(enter_and_return, "left-open").result(timeout=60)
         with pytest.warns(propagate.CrossThreadExitWarning):
             scope.__exit__(None, None, None)
-        assert finished(exporter, "left-open")  # now, not at interpreter exit
+        assert one_span(exporter, "left-open")  # now, not at interpreter exit
         assert not propagate._span.orphans
         del scope
         gc.collect()
@@ -799,11 +789,11 @@ def test_scope_exited_while_its_task_runs_ends_when_the_task_ends(
         opened.wait(60)
         with pytest.warns(propagate.CrossThreadExitWarning):
             box[0].__exit__(None, None, None)
-        assert not [s for s in exporter.get_finished_spans() if s.name == "mid-task"]
+        assert not spans_named(exporter, "mid-task")
         exited.set()
         worker = future.result(timeout=60)
-    span = finished(exporter, "mid-task")
-    assert conftest.THREADS.ended[span.context.span_id] == worker
+    span = one_span(exporter, "mid-task")
+    assert THREADS.ended[span.context.span_id] == worker
     assert not propagate._span.orphans
 
 
@@ -815,7 +805,7 @@ def test_many_scopes_left_open_retain_nothing(exporter: InMemorySpanExporter) ->
         for future in futures:
             future.result(timeout=60)[0].__exit__(None, None, None)
     assert not propagate._span.orphans
-    assert len([s for s in exporter.get_finished_spans() if s.name == "many"]) == 2000
+    assert len(spans_named(exporter, "many")) == 2000
 
 
 def test_scopes_waiting_for_their_thread_end_before_the_provider_shuts_down() -> None:

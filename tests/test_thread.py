@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextvars
-import gc
 import subprocess
 import sys
 import textwrap
@@ -17,31 +16,17 @@ from typing import Any
 import pytest
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import propagate
-
-from . import conftest
+from tests.helpers import THREADS, assert_freed, current_ids, one_span, spans_named
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("test_thread.request")
 WAIT = 10  # seconds: every wait in this file is bounded
 
 
-def current_ids() -> tuple[int, int]:
-    """The current span's (trace_id, span_id), as seen from wherever this runs."""
-    sc = trace.get_current_span().get_span_context()
-    return sc.trace_id, sc.span_id
-
-
 def in_fresh_context(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in a copy of the current context, so ContextVars it sets stay there."""
     return contextvars.copy_context().run(fn)
-
-
-def by_name(exporter: InMemorySpanExporter, name: str) -> Any:
-    spans = [s for s in exporter.get_finished_spans() if s.name == name]
-    assert len(spans) == 1, [s.name for s in exporter.get_finished_spans()]
-    return spans[0]
 
 
 @pytest.fixture
@@ -84,7 +69,7 @@ def test_task_span_is_child_of_submitters_span(pool, exporter, tracer):
 
     ctx = parent.get_span_context()
     assert seen == (ctx.trace_id, ctx.span_id)
-    child = by_name(exporter, "in-task")
+    child = one_span(exporter, "in-task")
     assert child.parent is not None
     assert child.parent.span_id == ctx.span_id
     assert child.context.trace_id == ctx.trace_id
@@ -196,7 +181,7 @@ def test_submitter_span_ends_before_task_runs(one_worker, exporter, tracer):
     release.set()
 
     assert "short-lived" in future.result(timeout=WAIT)
-    child = by_name(exporter, "late-child")
+    child = one_span(exporter, "late-child")
     assert child.parent is not None
     assert child.parent.span_id == parent.get_span_context().span_id
     assert child.context.trace_id == parent.get_span_context().trace_id
@@ -219,12 +204,7 @@ def test_no_reference_to_submitted_context_after_task(pool):
     ref, future = contextvars.copy_context().run(submit_with_value)
     assert isinstance(future.result(timeout=WAIT), Payload)
     del future  # the future holds the result, which is the value itself
-    deadline = time.monotonic() + WAIT
-    # The stdlib worker deletes its work item just after resolving the future: poll.
-    while ref() is not None and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.01)
-    assert ref() is None
+    assert_freed(ref, WAIT)
 
 
 # The stdlib shape: map, nesting, errors, cancellation, constructor
@@ -258,7 +238,7 @@ def test_nested_pools_keep_parentage(exporter, tracer):
     with outer_pool, inner_pool, tracer.start_as_current_span("top") as top:
         outer_pool.submit(outer).result(timeout=WAIT)
 
-    middle, inner_span = by_name(exporter, "middle"), by_name(exporter, "inner")
+    middle, inner_span = one_span(exporter, "middle"), one_span(exporter, "inner")
     assert middle.parent.span_id == top.get_span_context().span_id
     assert inner_span.parent.span_id == middle.context.span_id
     assert inner_span.context.trace_id == top.get_span_context().trace_id
@@ -306,7 +286,7 @@ def _frames(exc: BaseException) -> list[Any]:
 
 
 def test_cancel_queued_future(one_worker):
-    """Stdlib shape: a queued future can be cancelled and its task never runs."""
+    """API: a queued future can be cancelled and its task never runs."""
     ran = threading.Event()
     release, _ = block(one_worker)
     queued = one_worker.submit(ran.set)
@@ -320,7 +300,7 @@ def test_cancel_queued_future(one_worker):
 
 
 def test_shutdown_cancel_futures():
-    """Stdlib shape: shutdown(cancel_futures=True) cancels queued tasks, not the running one."""
+    """API: shutdown(cancel_futures=True) cancels queued tasks, not the running one."""
     executor = propagate.ThreadPoolExecutor(max_workers=1)
     ran: list[int] = []
     release, running = block(executor)
@@ -336,7 +316,7 @@ def test_shutdown_cancel_futures():
 
 
 def test_constructor_parameters_take_effect():
-    """Stdlib shape: max_workers, thread_name_prefix, initializer and initargs take effect."""
+    """API: max_workers, thread_name_prefix, initializer and initargs take effect."""
     started: list[str] = []
 
     def init(tag: str) -> None:
@@ -364,9 +344,9 @@ def test_task_spans(exporter, tracer):
     with executor, tracer.start_as_current_span("submitter") as parent:
         ident, native_id, thread_name = executor.submit(work).result(timeout=WAIT)
 
-    task = by_name(exporter, work.__qualname__)
-    assert conftest.THREADS.started[task.context.span_id] == ident
-    assert conftest.THREADS.ended[task.context.span_id] == ident
+    task = one_span(exporter, work.__qualname__)
+    assert THREADS.started[task.context.span_id] == ident
+    assert THREADS.ended[task.context.span_id] == ident
     assert ident != threading.get_ident()
     assert task.parent.span_id == parent.get_span_context().span_id
     assert task.context.trace_id == parent.get_span_context().trace_id
@@ -384,7 +364,7 @@ def test_task_spans_one_per_task_and_current_in_task(exporter, tracer):
     with executor, tracer.start_as_current_span("submitter"):
         seen = list(executor.map(work, range(4), timeout=WAIT))
 
-    spans = [s for s in exporter.get_finished_spans() if s.name == work.__qualname__]
+    spans = spans_named(exporter, work.__qualname__)
     assert sorted(s.context.span_id for s in spans) == sorted(seen)
     assert len(set(seen)) == 4
 
@@ -398,7 +378,7 @@ def test_link_starts_new_trace(exporter, tracer):
     with executor, tracer.start_as_current_span("submitter") as parent:
         executor.submit(work).result(timeout=WAIT)
 
-    task = by_name(exporter, work.__qualname__)
+    task = one_span(exporter, work.__qualname__)
     submitter = parent.get_span_context()
     assert task.parent is None
     assert task.context.trace_id != submitter.trace_id
@@ -435,7 +415,7 @@ def test_thread_carries_span(exporter, tracer):
         thread = propagate.Thread(target=work)
         thread.start()
     thread.join(WAIT)
-    assert by_name(exporter, "in-thread").parent.span_id == parent.get_span_context().span_id
+    assert one_span(exporter, "in-thread").parent.span_id == parent.get_span_context().span_id
 
 
 def test_thread_subclass_overriding_run():
@@ -467,7 +447,7 @@ def test_thread_changes_do_not_flow_back():
 
 
 def test_thread_start_twice_after_finish():
-    """Stdlib shape: starting a finished Thread again raises RuntimeError; join still works."""
+    """API: starting a finished Thread again raises RuntimeError; join still works."""
     thread = propagate.Thread(target=int)
     thread.start()
     thread.join(WAIT)
@@ -478,7 +458,7 @@ def test_thread_start_twice_after_finish():
 
 
 def test_thread_start_twice_while_running():
-    """Stdlib shape: starting a running Thread again raises RuntimeError; it still ends cleanly."""
+    """API: starting a running Thread again raises RuntimeError; it still ends cleanly."""
     release = threading.Event()
     seen: list[str] = []
     errors: list[Any] = []
@@ -530,7 +510,7 @@ def test_timer_runs_in_context_of_start():
 
 
 def test_timer_is_a_threading_timer_and_cancels():
-    """Stdlib shape: propagate.Timer is a threading.Timer and cancel() still stops it."""
+    """API: propagate.Timer is a threading.Timer and cancel() still stops it."""
     ran = threading.Event()
     timer = propagate.Timer(WAIT, ran.set)
     assert isinstance(timer, threading.Timer)
@@ -602,7 +582,7 @@ def test_wrap_calls_do_not_see_each_others_changes():
 
 
 def test_wrap_keeps_function_metadata():
-    """Stdlib shape: the wrapper looks like the wrapped function (functools.wraps)."""
+    """API: the wrapper looks like the wrapped function (functools.wraps)."""
     def documented() -> None:
         """Docs."""
 

@@ -10,7 +10,7 @@ import sys
 import sysconfig
 from typing import TextIO
 
-from . import _private
+from .. import _private
 
 
 def _version(dist: str) -> str:
@@ -27,7 +27,7 @@ def report() -> list[tuple[str, str]]:
 
     import propagate
 
-    from . import _context
+    from .. import _context
 
     gil = getattr(sys, "_is_gil_enabled", None)
     inherit = getattr(sys.flags, "thread_inherit_context", None)
@@ -56,7 +56,7 @@ def report() -> list[tuple[str, str]]:
 
 def _relay_available() -> bool:
     try:
-        from . import _relay
+        from .. import _relay
     except ImportError:
         return False
     return _relay.enabled()
@@ -67,7 +67,7 @@ def _loop_status() -> str:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return "no running loop here (call propagate.install() inside your loop)"
-    from ._thread import ThreadPoolExecutor
+    from .._thread import ThreadPoolExecutor
 
     return "yes" if isinstance(_private.default_executor(loop),
                                ThreadPoolExecutor) else "no"

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import _switch
+from .. import _switch
 
 POINTS = ("capture", "attach", "detach", "task-start", "task-end")
 
@@ -28,10 +28,18 @@ class Jitter:
         if not (max_delay >= 0.0 and math.isfinite(max_delay)):
             raise ValueError(f"max_delay must be a finite number of seconds >= 0, "
                              f"not {max_delay!r}")
-        self.seed, self.probability, self.max_delay = seed, probability, max_delay
+        self.seed: int | str = seed
+        """The seed given: the same seed makes the same choices at the same points."""
+        self.probability: float = probability
+        """The chance of a sleep at each point, from 0 to 1."""
+        self.max_delay: float = max_delay
+        """The longest sleep, in seconds."""
         self.counts: dict[str, int] = dict.fromkeys(POINTS, 0)
-        self.delays = 0  # how many sleeps were injected
-        self.slept = 0.0  # their total, in seconds
+        """How many times each switch point was reached."""
+        self.delays: int = 0
+        """How many sleeps were injected."""
+        self.slept: float = 0.0
+        """Their total, in seconds."""
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         _jitters.add(self)

@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import TextIO
 
-from . import _otel
+from .. import _otel
 from ._jitter import POINTS, Jitter, jitter
 from ._lineage import print_task_tree, task_tree, track_tasks
 from ._live import (
@@ -59,7 +59,7 @@ class ContextFilter(logging.Filter):
     Adds ``trace_id`` (32 hex digits, ``"0" * 32`` outside any span), ``span_id`` (16 hex
     digits), ``thread_name`` and ``task_name`` (the asyncio task's name, ``"-"`` outside
     a task) to each record, as they are in the thread that logs. Put it on the handler
-    (or on a ``QueueHandler``, which runs in the logging thread), then format with::
+    (or on a ``QueueHandler``, which runs in the logging thread), then format with:
 
         "%(asctime)s %(levelname)s [%(trace_id)s/%(span_id)s %(thread_name)s] %(message)s"
 
@@ -67,6 +67,7 @@ class ContextFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Add the ids and names to ``record``; always True: no record is dropped."""
         identity = _otel.current_identity()
         record.trace_id = "0" * 32 if identity is None else f"{identity[0]:032x}"
         record.span_id = "0" * 16 if identity is None else f"{identity[1]:016x}"

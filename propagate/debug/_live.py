@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _otel, _private
+from .. import _otel, _private
 
 
 @dataclass(frozen=True)
