@@ -15,7 +15,7 @@ import pytest
 
 import propagate
 
-# The public API of DESIGN.md: these names are a contract.
+# The public API of docs/design.md ("The public API"): these names are a contract.
 TOP_LEVEL = [
     "ThreadPoolExecutor", "ProcessPoolExecutor", "wrap_executor",
     "Thread", "Timer", "wrap",
@@ -28,6 +28,7 @@ MEMBERS = {
 }
 SUBMODULES = {
     "propagate.dns": ["Resolver", "getaddrinfo", "resolve", "AiohttpResolver", "LookupTimeout"],
+    "propagate.dask": ["executor"],
     "propagate.debug": [],
     "propagate.__main__": [],  # python -m propagate demo | doctor
 }
@@ -60,21 +61,21 @@ def test_star_import_gives_all():
 
 @pytest.mark.parametrize("name", TOP_LEVEL)
 def test_design_names_exist(name):
-    """API: each top-level name of DESIGN.md's public API is exported."""
+    """API: each top-level name of the public API (docs/design.md) is exported."""
     assert name in propagate.__all__
     assert getattr(propagate, name) is not None
 
 
 @pytest.mark.parametrize("owner", sorted(MEMBERS))
 def test_design_members_exist(owner):
-    """API: the methods DESIGN.md names on public classes exist and are callable."""
+    """API: the methods docs/design.md names on public classes exist and are callable."""
     cls = getattr(propagate, owner)
     assert [m for m in MEMBERS[owner] if not callable(getattr(cls, m, None))] == []
 
 
 @pytest.mark.parametrize("module_name", sorted(SUBMODULES))
 def test_design_submodules_exist(module_name):
-    """API: the public submodules of DESIGN.md import and hold their named functions."""
+    """API: the public submodules docs/design.md names import and hold their named functions."""
     assert importlib.util.find_spec(module_name) is not None, module_name
     if module_name == "propagate.__main__":
         return  # importing it would run the command line
