@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import opentelemetry.util.types
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -34,8 +35,19 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
-from opentelemetry.trace import Span as Span  # re-exported: what propagate's scopes return
-from opentelemetry.util.types import AttributeValue as AttributeValue  # and its attributes
+
+# Re-exported for the annotations of propagate's public signatures, so that these resolve
+# at run time (typing.get_type_hints) without another module importing OpenTelemetry.
+from opentelemetry.trace import Span as Span
+from opentelemetry.trace import SpanKind as SpanKind
+from opentelemetry.trace import Tracer as Tracer
+from opentelemetry.util.types import Attributes as Attributes
+from opentelemetry.util.types import AttributeValue as AttributeValue
+
+# Newer APIs spell Attributes with forward references to "AnyValue", which
+# typing.get_type_hints resolves in the namespace of the annotated function: modules that
+# annotate with Attributes import this too (an older API has none, and needs none).
+AnyValue: Any = getattr(opentelemetry.util.types, "AnyValue", Any)
 
 SpanIdentity = tuple[int, int, int, tuple[tuple[str, str], ...]]
 Token = object
@@ -177,6 +189,13 @@ def start(name: str, tracer: trace.Tracer | None = None, **kwargs: Any) -> Span:
 def provider() -> trace.TracerProvider:
     """The global tracer provider (a proxy until one is set)."""
     return trace.get_tracer_provider()
+
+
+def service_name() -> str:
+    """The global tracer provider's ``service.name``, or ``""`` (the API's proxy has none)."""
+    resource = getattr(provider(), "resource", None)
+    name = getattr(resource, "attributes", {}).get("service.name")
+    return name if isinstance(name, str) else ""
 
 
 def set_provider(provider: trace.TracerProvider) -> None:

@@ -38,7 +38,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _otel, _private
 from ._errors import CrossThreadExitWarning
-from ._otel import Span
+from ._otel import Attributes, Span, SpanKind, Tracer
+
+if not TYPE_CHECKING:  # for typing.get_type_hints(trace): see _otel
+    from ._otel import AnyValue  # noqa: F401
 
 if TYPE_CHECKING:
     import asyncio
@@ -273,6 +276,13 @@ def _end_abandoned() -> None:
         scope.end()
 
 
+def _options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """``start_as_current_span``'s keywords, as ``start_span``'s and the two error flags."""
+    start = dict(kwargs)
+    return (start, start.pop("record_exception", True),
+            start.pop("set_status_on_exception", True))
+
+
 class span:
     """Like ``tracer.start_as_current_span(name, **kwargs)``, but exiting elsewhere is safe.
 
@@ -282,27 +292,33 @@ class span:
     The span is ended on the entering thread, with the exit's end time and error, when
     that thread next calls propagate (entering or exiting a scope, ``submit``, ``wrap``,
     ``capture``...) in the entering Context, which then stops having it as its current
-    span; or when that Context's task or thread finishes, whichever comes first. Keyword
-    arguments are those of ``Tracer.start_span``.
+    span; or when that Context's task or thread finishes, whichever comes first.
+
+    ``tracer`` starts the span (by default propagate's own, instrumentation scope
+    ``propagate``): a library passes its own, so its spans keep its instrumentation
+    scope. The other keyword arguments are ``start_as_current_span``'s (``kind``,
+    ``attributes``, ``links``, ``start_time``, ``record_exception``,
+    ``set_status_on_exception``...). Like ``start_as_current_span``, it also decorates:
+    each call of the decorated function runs in a new span (see `trace`).
     """
 
-    __slots__ = ("_record", "_scope", "_set_status", "kwargs", "name")
+    __slots__ = ("_record", "_scope", "_set_status", "kwargs", "name", "tracer")
 
-    def __init__(self, name: str, **kwargs: Any) -> None:
+    def __init__(self, name: str, *, tracer: Tracer | None = None, **kwargs: Any) -> None:
         self.name: str = name
         """The name the span is started with."""
+        self.tracer: Tracer | None = tracer
+        """The tracer that starts it; None for propagate's own."""
         self.kwargs: dict[str, Any] = kwargs
-        """The keyword arguments it is started with, as given."""
+        """The other keyword arguments, as given."""
         self._scope: _Scope | None = None
 
     def __enter__(self) -> Span:
         if self._scope is not None:
             raise RuntimeError(f"span {self.name!r} is already entered; make a new span() scope")
         heal()
-        kwargs = dict(self.kwargs)
-        self._record = kwargs.pop("record_exception", True)
-        self._set_status = kwargs.pop("set_status_on_exception", True)
-        self._scope = _Scope(_otel.start(self.name, **kwargs))
+        start, self._record, self._set_status = _options(self.kwargs)
+        self._scope = _Scope(_otel.start(self.name, self.tracer, **start))
         return self._scope.span
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -315,12 +331,19 @@ class span:
         scope.exit()
         heal()
 
+    def __call__(self, fn: F) -> F:
+        """Decorate ``fn``: each call runs in a span started as this one would be."""
+        return _decorate(fn, self.name, self.tracer, self.kwargs)
 
-def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str) -> Callable[..., Any]:
+
+def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str,
+                      tracer: Tracer | None, options: dict[str, Any]) -> Callable[..., Any]:
+    start, record, set_status = _options(options)
+
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         heal()
-        s = _otel.start(name)
+        s = _otel.start(name, tracer, **start)
         try:
             gen = fn(*args, **kwargs)
             method: Callable[[Any], Any] = gen.send
@@ -340,7 +363,7 @@ def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str) ->
                 except BaseException as exc:  # thrown in by the consumer: pass it on
                     method, value = gen.throw, exc
         except BaseException as exc:
-            _otel.fail(s, exc)
+            _otel.fail(s, exc, record, set_status)
             raise
         finally:
             s.end()
@@ -348,12 +371,14 @@ def _traced_generator(fn: Callable[..., Generator[Any, Any, Any]], name: str) ->
     return traced
 
 
-def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]],
-                            name: str) -> Callable[..., Any]:
+def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]], name: str,
+                            tracer: Tracer | None, options: dict[str, Any]) -> Callable[..., Any]:
+    start, record, set_status = _options(options)
+
     @functools.wraps(fn)
     async def traced(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
         heal()
-        s = _otel.start(name)
+        s = _otel.start(name, tracer, **start)
         try:
             agen = fn(*args, **kwargs)
             method: Callable[[Any], Any] = agen.asend
@@ -373,7 +398,7 @@ def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]],
                 except BaseException as exc:  # thrown in by the consumer: pass it on
                     method, value = agen.athrow, exc
         except BaseException as exc:
-            _otel.fail(s, exc)
+            _otel.fail(s, exc, record, set_status)
             raise
         finally:
             s.end()
@@ -381,35 +406,39 @@ def _traced_async_generator(fn: Callable[..., AsyncGenerator[Any, Any]],
     return traced
 
 
-def _decorate(fn: F, name: str | None) -> F:
+def _decorate(fn: F, name: str | None, tracer: Tracer | None, options: dict[str, Any]) -> F:
     name = name or fn.__qualname__
     if inspect.isasyncgenfunction(fn):
-        return _traced_async_generator(fn, name)  # type: ignore[return-value]
+        return _traced_async_generator(fn, name, tracer, options)  # type: ignore[return-value]
     if inspect.isgeneratorfunction(fn):
-        return _traced_generator(fn, name)  # type: ignore[return-value]
+        return _traced_generator(fn, name, tracer, options)  # type: ignore[return-value]
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def traced_coroutine(*args: Any, **kwargs: Any) -> Any:
-            with span(name):
+            with span(name, tracer=tracer, **options):
                 return await fn(*args, **kwargs)
 
         return traced_coroutine  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def traced(*args: Any, **kwargs: Any) -> Any:
-        with span(name):
+        with span(name, tracer=tracer, **options):
             return fn(*args, **kwargs)
 
     return traced  # type: ignore[return-value]
 
 
 @overload
-def trace(fn: F, *, name: str | None = None) -> F: ...
+def trace(fn: F, *, name: str | None = None, tracer: Tracer | None = None,
+          attributes: Attributes = None, kind: SpanKind | None = None) -> F: ...
 @overload
-def trace(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+def trace(fn: None = None, *, name: str | None = None, tracer: Tracer | None = None,
+          attributes: Attributes = None, kind: SpanKind | None = None) -> Callable[[F], F]: ...
 
 
-def trace(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+def trace(fn: F | None = None, *, name: str | None = None, tracer: Tracer | None = None,
+          attributes: Attributes = None, kind: SpanKind | None = None,
+          ) -> F | Callable[[F], F]:
     """Decorate a function, coroutine function, generator or async generator with a span.
 
     The span is named after the function (its ``__qualname__``) unless ``name`` is given,
@@ -418,7 +447,16 @@ def trace(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], 
     current only while the generator body runs, never across a ``yield``, so closing it
     from another task or thread corrupts nothing; it ends when the generator finishes
     or is closed, wherever that happens.
+
+    ``tracer`` starts the spans (by default propagate's own): a library passes its own,
+    so its spans keep its instrumentation scope. ``attributes`` and ``kind`` are given to
+    each span at its start.
     """
+    options: dict[str, Any] = {}
+    if attributes is not None:
+        options["attributes"] = attributes
+    if kind is not None:
+        options["kind"] = kind
     if fn is None:
-        return lambda f: _decorate(f, name)
-    return _decorate(fn, name)
+        return lambda f: _decorate(f, name, tracer, options)
+    return _decorate(fn, name, tracer, options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import io
 import logging
@@ -482,3 +483,44 @@ def test_doctor_in_process_sees_this_process() -> None:
     assert "opentelemetry.sdk.trace.TracerProvider" in out.getvalue()
     assert name in out.getvalue()
     assert "relay available                   yes" in out.getvalue()
+
+
+OTEL_FIELDS = ("otelTraceID", "otelSpanID", "otelTraceSampled", "otelServiceName")
+
+
+def _fields_seen(make_record: Any) -> list[dict[str, Any]]:
+    """OpenTelemetry's logging fields on a record made outside any span, then inside one."""
+    tracer = trace.get_tracer("tests")
+    seen = []
+    for inside in (False, True):
+        with contextlib.ExitStack() as stack:
+            names = {}
+            if inside:  # the span's own ids, read back as placeholders
+                sc = stack.enter_context(tracer.start_as_current_span("r")).get_span_context()
+                names = {f"{sc.trace_id:032x}": "<trace id>", f"{sc.span_id:016x}": "<span id>"}
+            record = make_record()
+            fields = {name: getattr(record, name) for name in OTEL_FIELDS}
+            seen.append({k: names.get(v, v) if isinstance(v, str) else v
+                         for k, v in fields.items()})
+    return seen
+
+
+def test_context_filter_sets_opentelemetrys_logging_fields() -> None:
+    """API: ContextFilter sets the fields OpenTelemetry's logging instrumentation sets, with
+    the values that instrumentation gives them, outside a span and inside one."""
+    instrumentation = pytest.importorskip("opentelemetry.instrumentation.logging")
+    theirs = instrumentation.LoggingInstrumentor()
+    theirs.instrument(inject_trace_context=True)
+    try:
+        factory = logging.getLogRecordFactory()  # theirs: it sets the fields as it makes one
+        expected = _fields_seen(lambda: factory("n", logging.INFO, "", 0, "m", (), None))
+    finally:
+        theirs.uninstrument()
+
+    def filtered() -> logging.LogRecord:
+        record = logging.makeLogRecord({"msg": "m"})
+        assert debug.ContextFilter().filter(record)
+        return record
+
+    assert _fields_seen(filtered) == expected
+    assert expected[0]["otelSpanID"] == "0" and expected[1]["otelSpanID"] == "<span id>"

@@ -846,3 +846,102 @@ def test_scopes_waiting_for_their_thread_end_before_the_provider_shuts_down() ->
                           timeout=120, check=True)
     assert done.stdout.split() == ["0", "['held']"]
     assert done.stderr == ""
+
+
+# The caller's tracer, attributes and kind; span as a decorator
+
+LIBRARY = trace.get_tracer("a.library", "1.2")
+
+
+def _scope_of(exporter: InMemorySpanExporter, name: str) -> tuple[str, str | None]:
+    scope = one_span(exporter, name).instrumentation_scope
+    assert scope is not None
+    return scope.name, scope.version
+
+
+def test_span_starts_with_the_callers_tracer(exporter: InMemorySpanExporter) -> None:
+    """API: span(tracer=...) keeps the caller's instrumentation scope; by default it is
+    propagate's own, and start_as_current_span's keywords reach the span."""
+    with propagate.span("theirs", tracer=LIBRARY, kind=SpanKind.CLIENT, attributes={"k": 1}):
+        pass
+    with propagate.span("ours"):
+        pass
+    assert _scope_of(exporter, "theirs") == ("a.library", "1.2")
+    assert _scope_of(exporter, "ours")[0] == "propagate"
+    theirs = one_span(exporter, "theirs")
+    assert theirs.kind is SpanKind.CLIENT and dict(theirs.attributes or {}) == {"k": 1}
+
+
+def _decorated_kinds(decorate: Callable[[Any], Any]) -> list[Callable[[], Any]]:
+    """One of each kind of callable, decorated, and a way to call it to the end."""
+    @decorate
+    def function() -> int:
+        return 1
+
+    @decorate
+    async def coroutine() -> int:
+        return 1
+
+    @decorate
+    def generator() -> Iterator[int]:
+        yield 1
+
+    @decorate
+    async def async_generator() -> AsyncIterator[int]:
+        yield 1
+
+    async def drain() -> list[int]:
+        return [x async for x in async_generator()]
+
+    return [function, lambda: asyncio.run(coroutine()), lambda: list(generator()),
+            lambda: asyncio.run(drain())]
+
+
+KINDS = ["function", "coroutine", "generator", "async-generator"]
+
+
+@pytest.mark.parametrize("kind", range(4), ids=KINDS)
+def test_trace_takes_a_tracer_attributes_and_kind(exporter: InMemorySpanExporter,
+                                                  kind: int) -> None:
+    """API: trace(tracer=, attributes=, kind=) gives every kind of callable's spans the
+    caller's instrumentation scope, the attributes and the kind."""
+    decorate = propagate.trace(name="traced", tracer=LIBRARY, attributes={"k": "v"},
+                               kind=SpanKind.SERVER)
+    _decorated_kinds(decorate)[kind]()
+    span = one_span(exporter, "traced")
+    assert _scope_of(exporter, "traced") == ("a.library", "1.2")
+    assert span.kind is SpanKind.SERVER and dict(span.attributes or {}) == {"k": "v"}
+
+
+@pytest.mark.parametrize("kind", range(4), ids=KINDS)
+def test_span_decorates_as_start_as_current_span_does(exporter: InMemorySpanExporter,
+                                                      kind: int) -> None:
+    """API, I4: a span used as a decorator starts a new span, as it would be started, at
+    each call, ended on the thread that started it; the decorated callable works twice."""
+    call = _decorated_kinds(propagate.span("decorated", tracer=LIBRARY,
+                                           attributes={"k": "v"}))[kind]
+    with propagate.span("caller") as caller:
+        call()
+        call()
+    spans = spans_named(exporter, "decorated")
+    assert len(spans) == 2 and spans[0].context.span_id != spans[1].context.span_id
+    for span in spans:
+        assert span.parent is not None
+        assert span.parent.span_id == caller.get_span_context().span_id
+        assert dict(span.attributes or {}) == {"k": "v"}
+    assert _scope_of(exporter, "caller")[0] == "propagate"
+    assert_ended_where_started()
+
+
+def test_decorating_span_keeps_the_error_options(exporter: InMemorySpanExporter) -> None:
+    """I7: record_exception=False and set_status_on_exception=False hold for a decorating
+    span and a traced generator, as for a span entered with ``with``."""
+    @propagate.span("quiet", record_exception=False, set_status_on_exception=False)
+    def fails() -> Iterator[int]:
+        yield 1
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        list(fails())
+    span = one_span(exporter, "quiet")
+    assert span.events == () and span.status.status_code is StatusCode.UNSET

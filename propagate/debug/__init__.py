@@ -63,14 +63,25 @@ class ContextFilter(logging.Filter):
 
         "%(asctime)s %(levelname)s [%(trace_id)s/%(span_id)s %(thread_name)s] %(message)s"
 
+    It also adds the fields of OpenTelemetry's logging instrumentation, with the values
+    that instrumentation gives them, so formats written for it work unchanged:
+    ``otelTraceID``, ``otelSpanID`` (``"0"`` outside any span), ``otelTraceSampled`` and
+    ``otelServiceName`` (the tracer provider's ``service.name``, else ``""``).
+
     In propagate's thread and process pools, workers log their submitter's ids.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the ids and names to ``record``; always True: no record is dropped."""
         identity = _otel.current_identity()
-        record.trace_id = "0" * 32 if identity is None else f"{identity[0]:032x}"
-        record.span_id = "0" * 16 if identity is None else f"{identity[1]:016x}"
+        trace_id = None if identity is None else f"{identity[0]:032x}"
+        span_id = None if identity is None else f"{identity[1]:016x}"
+        record.trace_id = trace_id or "0" * 32
+        record.span_id = span_id or "0" * 16
+        record.otelTraceID = trace_id or "0"
+        record.otelSpanID = span_id or "0"
+        record.otelTraceSampled = identity is not None and bool(identity[2] & 1)
+        record.otelServiceName = _otel.service_name()
         record.thread_name = threading.current_thread().name
         task = current_task()
         record.task_name = "-" if task is None else task.get_name()

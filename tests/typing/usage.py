@@ -36,3 +36,16 @@ def submits(pool: propagate.ThreadPoolExecutor) -> None:
     assert_type(pool.submit(double, 1, label="a"), cf.Future[int])
     pool.submit(double, "one")  # type: ignore[arg-type]
     assert_type(propagate.wrap(double)(1), int)
+
+
+def spans() -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    tracer = trace.get_tracer("a.library")
+    assert_type(propagate.span("x", tracer=tracer)(double)(1), int)
+    assert_type(propagate.trace(double, tracer=tracer, kind=SpanKind.CLIENT)(1), int)
+    propagate.span("x")(double)("one")  # type: ignore[arg-type]
+    traced = propagate.trace(name="y", attributes={"k": "v"})(double)
+    assert_type(traced(1, label="a"), int)
+    propagate.trace(double, kind="client")  # type: ignore[call-overload]
