@@ -107,6 +107,8 @@ def _describe(thread: threading.Thread, task: asyncio.Task[Any] | None) -> str:
 
 def _reset(token: object) -> bool:
     """Reset ``token`` if this is the Context that made it; never log, never raise."""
+    if type(token) is tuple:  # propagate's runtime context's: the Token and what it set
+        token = token[0]
     if isinstance(token, contextvars.Token):
         try:
             token.var.reset(token)

@@ -10,6 +10,7 @@ reports the per-task median of each and the median of the per-round ratios B/A.
     python stress/bench.py --only processes --rounds 63   # a narrower median, slowly
     python stress/bench.py --only big   # big arguments: time and the parent's peak memory
     python stress/bench.py --only import   # import propagate against OpenTelemetry's API
+    python stress/bench.py --only runtime  # OTEL_PYTHON_CONTEXT=propagate against the default
 """
 
 from __future__ import annotations
@@ -174,6 +175,37 @@ def bench_span(rounds: int, n: int) -> dict[str, dict[str, float]]:
                            rounds, n * 5)}
 
 
+def bench_runtime(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    """OpenTelemetry's context API (attach, get_current, detach) with its default runtime
+    context against propagate's (``OTEL_PYTHON_CONTEXT=propagate``), swapped in turn in
+    this one process, as the entry point would install it."""
+    import opentelemetry.context as api
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    from propagate._runtime import RuntimeContext
+
+    def timed(runtime: Any) -> Timed:
+        context = api.Context({"k": "v"})
+
+        def run(k: int) -> float:
+            before, api._RUNTIME_CONTEXT = api._RUNTIME_CONTEXT, runtime
+            try:
+                attach, get_current, detach = api.attach, api.get_current, api.detach
+                start = time.perf_counter()
+                for _ in range(k):
+                    token = attach(context)
+                    get_current()
+                    detach(token)
+                return time.perf_counter() - start
+            finally:
+                api._RUNTIME_CONTEXT = before
+
+        return run
+
+    return {"runtime context: attach, get_current, detach": paired(
+        timed(ContextVarsRuntimeContext()), timed(RuntimeContext()), rounds, n * 50)}
+
+
 def bench_dns(rounds: int, n: int) -> dict[str, dict[str, float]]:
     from bench_dns import bench  # type: ignore[import-not-found]
 
@@ -221,9 +253,10 @@ def bench_dask(rounds: int, n: int) -> dict[str, dict[str, float]]:
 ROWS = {"threads": bench_threads, "processes": bench_processes,
         "interpreters": bench_interpreters, "to_thread": bench_to_thread,
         "span": bench_span, "dns": bench_dns, "dask": bench_dask, "big": bench_big,
-        "import": bench_import}
+        "import": bench_import, "runtime": bench_runtime}
 TARGETS = {"threads": 1.03, "processes, relay on": 1.10, "interpreters, relay on": 1.10,
            "to_thread": 1.05, "span": 1.10,
+           "runtime context: attach, get_current, detach": 1.05,
            "dns": 1.10, "dask executor": 1.10,
            **BIG_TARGETS}
 

@@ -171,3 +171,27 @@ def assert_freed(ref: weakref.ref[Any], timeout: float = 60) -> None:
         gc.collect()
         time.sleep(0.01)
     assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+
+
+# -- the demo ------------------------------------------------------------------------------
+
+
+def assert_demo_tree(spans: list[dict[str, Any]]) -> None:
+    """``python -m propagate demo --json``'s spans form one request's tree (I1, I6): every
+    span but the background job descends from the request, those of worker processes
+    included, and the job is a new trace linked to the request."""
+    by_id = {s["span_id"]: s for s in spans}
+    [request] = [s for s in spans if s["name"] == "GET /report"]
+    [job] = [s for s in spans if s["name"] == "reindex"]
+    assert job["links"] == [request["span_id"]] and job["trace_id"] != request["trace_id"]
+    for span in spans:
+        if span is request or span is job:
+            continue
+        while span["parent_id"] in by_id:
+            span = by_id[span["parent_id"]]
+        assert span is request
+    names = {s["name"] for s in spans}
+    assert {"dns.lookup", "render page 0", "render page 1", "parse report",
+            "audit log (fire-and-forget)", "decode shard 2"} <= names
+    workers = {s["pid"] for s in spans if str(s["name"]).startswith("render")}
+    assert request["pid"] not in workers

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import subprocess
 import sys
 import types
@@ -142,10 +143,12 @@ NOT_UNTIL_USED = ["asyncio", "socket", "ssl", "selectors", "multiprocessing", "s
 
 
 def modules_after(code: str) -> set[str]:
-    """The modules loaded in a fresh interpreter after running ``code``."""
+    """The modules loaded in a fresh interpreter after running ``code``, with OpenTelemetry's
+    default runtime context (OTEL_PYTHON_CONTEXT=propagate loads propagate._runtime)."""
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_PYTHON_CONTEXT"}
     out = subprocess.run(
         [sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
-        capture_output=True, text=True, timeout=60, check=True)
+        capture_output=True, text=True, timeout=60, check=True, env=env)
     return set(json.loads(out.stdout.splitlines()[-1]))
 
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.helpers import assert_demo_tree
+
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "propagate", *args], capture_output=True,
@@ -32,21 +34,7 @@ def test_demo_prints_one_connected_tree() -> None:
 
 def test_demo_json_parentage(demo_spans: list[dict[str, object]]) -> None:
     """I1, I6: every span but the background job descends from the request, processes included."""
-    by_id = {s["span_id"]: s for s in demo_spans}
-    [request] = [s for s in demo_spans if s["name"] == "GET /report"]
-    [job] = [s for s in demo_spans if s["name"] == "reindex"]
-    assert job["links"] == [request["span_id"]] and job["trace_id"] != request["trace_id"]
-    for span in demo_spans:
-        if span is request or span is job:
-            continue
-        while span["parent_id"] in by_id:
-            span = by_id[span["parent_id"]]
-        assert span is request
-    names = {s["name"] for s in demo_spans}
-    assert {"dns.lookup", "render page 0", "render page 1", "parse report",
-            "audit log (fire-and-forget)", "decode shard 2"} <= names
-    workers = {s["pid"] for s in demo_spans if str(s["name"]).startswith("render")}
-    assert request["pid"] not in workers
+    assert_demo_tree(demo_spans)
 
 
 def test_demo_stdlib_shows_the_broken_tree() -> None:

@@ -18,8 +18,10 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
+import opentelemetry.context as otel_context_api
 import pytest
 from opentelemetry import trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -120,9 +122,12 @@ def test_double_enter_raises(exporter: InMemorySpanExporter) -> None:
 
 
 def test_plain_opentelemetry_cross_thread_exit_corrupts(exporter: InMemorySpanExporter,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
-    """I4: the baseline: plain OpenTelemetry logs "Failed to detach context", sticks the
-    caller."""
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """I4: the baseline: plain OpenTelemetry (its default runtime context, even where the
+    suite runs under OTEL_PYTHON_CONTEXT=propagate) logs "Failed to detach context", sticks
+    the caller."""
+    monkeypatch.setattr(otel_context_api, "_RUNTIME_CONTEXT", ContextVarsRuntimeContext())
     def scenario() -> None:
         scope = TRACER.start_as_current_span("dns")
         dns = scope.__enter__()
