@@ -85,13 +85,16 @@ class RuntimeContext(_RuntimeContext):
             "propagate.runtime.checked", default=None)
         self._lock = threading.Lock()
         self._heals = False
-        # The ContextVar's own method, bound here, in __init__ (where the interpreter
-        # learns the instance's attributes): no Python frame for the API's calls.
+        # The ContextVar's own methods, bound here, in __init__ (where the interpreter
+        # learns the instance's attributes): get_current needs no Python frame at all,
+        # attach and detach no method lookup.
         self.get_current = var.get  # type: ignore[method-assign]
+        self._set = var.set
+        self._reset = var.reset
 
     def attach(self, context: Context) -> Attached:  # type: ignore[override]
         """Make ``context`` current; the token says which context it set."""
-        return self._current_context.set(context), context
+        return self._set(context), context
 
     def get_current(self) -> Context:
         """The current context (replaced per instance by the ContextVar's ``get``)."""
@@ -100,7 +103,7 @@ class RuntimeContext(_RuntimeContext):
     def detach(self, token: Attached) -> None:  # type: ignore[override]
         """Reset to what was current before ``token``'s attach; elsewhere, remember it."""
         try:
-            self._current_context.reset(token[0])
+            self._reset(token[0])
         except ValueError:  # made in another Context: heal that one at its next use
             self._orphan(token)
 
