@@ -10,7 +10,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``python -m propagate`` with ``argv`` (else the command line's); the exit code."""
     parser = argparse.ArgumentParser(prog="python -m propagate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run one request and print its span tree")
+    demo = commands.add_parser(
+        "demo", help="run one request and print its span tree",
+        description="One request, through a thread pool, a process pool, asyncio and a DNS "
+                    "lookup, printed as its span tree. Beyond it, propagate carries the "
+                    "context into Dask (propagate.dask), Ray (propagate.ray) and joblib "
+                    "(propagate.joblib): see docs/distributed.md.")
     demo.add_argument("--stdlib", action="store_true", help="use the stdlib's tools instead")
     demo.add_argument("--json", action="store_true", help="print the spans as JSON")
     commands.add_parser("doctor", help="print what a bug report needs")

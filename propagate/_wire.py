@@ -328,6 +328,15 @@ def _named(exc: Exception, fn: Callable[..., Any]) -> Exception:
 # -- cloudpickle, with what it must know besides ------------------------------------------------
 
 
+def reduce_contextvar(var: ContextVar[Any]) -> tuple[Any, ...]:
+    """A ContextVar's reduction for another process: by name, if it is registered."""
+    if _context.registered().get(var.name) is not var:
+        raise TypeError(
+            f"ContextVar {var.name!r} cannot cross to another process; "
+            "register it with propagate.register(var) so it travels by name")
+    return _context.lookup, (var.name,)
+
+
 @functools.cache
 def _pickler() -> Any:
     """cloudpickle, plus multiprocessing's reducers, registered ContextVars and tracers.
@@ -339,11 +348,7 @@ def _pickler() -> Any:
     class Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
         def reducer_override(self, obj: Any) -> Any:
             if isinstance(obj, ContextVar):
-                if _context.registered().get(obj.name) is not obj:
-                    raise TypeError(
-                        f"ContextVar {obj.name!r} cannot cross to another process; "
-                        "register it with propagate.register(var) so it travels by name")
-                return _context.lookup, (obj.name,)
+                return reduce_contextvar(obj)
             by_reference = _private.otel_by_reference(obj)
             if by_reference is not None:
                 return by_reference

@@ -30,6 +30,8 @@ MEMBERS = {
 SUBMODULES = {
     "propagate.dns": ["Resolver", "getaddrinfo", "resolve", "AiohttpResolver", "LookupTimeout"],
     "propagate.dask": ["executor"],
+    "propagate.ray": ["executor"],
+    "propagate.joblib": ["register"],
     "propagate.debug": [],
     "propagate.__main__": [],  # python -m propagate demo | doctor
 }

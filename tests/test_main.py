@@ -60,3 +60,12 @@ def test_doctor_reports_what_a_bug_report_needs() -> None:
                   "opentelemetry-sdk", "cloudpickle", "tracer provider", "propagators",
                   "registered ContextVars", "loop default executor propagates"):
         assert label in done.stdout
+
+
+def test_demo_help_names_the_engines() -> None:
+    """API: the demo's --help says which engines propagate reaches beyond it."""
+    done = run("demo", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for module in ("propagate.dask", "propagate.ray", "propagate.joblib"):
+        assert module in text
