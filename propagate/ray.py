@@ -23,7 +23,6 @@ import concurrent.futures as cf
 import functools
 import importlib
 import itertools
-import logging
 import pickle
 import re
 import sys
@@ -38,8 +37,6 @@ __all__ = ["executor"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-log = logging.getLogger("propagate")
 
 _NOT_CONNECTED = ("propagate.ray.executor() runs tasks on your Ray connection, and Ray is "
                   "not initialised: call ray.init() first (ray.init(address=...) to join a "
