@@ -2,7 +2,12 @@
 
 The same request runs on propagate's tools or, with ``--stdlib``, on the standard
 library's, so the difference is visible: with the stdlib the work done in pools lands in
-separate traces (orphans) or, in worker processes, never arrives at all.
+separate traces (orphans) or, in worker processes, never arrives at all; a streaming
+response closed in another task leaves its ended span current (OpenTelemetry logs
+"Failed to detach context"), so the next span gets the wrong parent; and the worker
+processes' log lines are lost. propagate's run uses its runtime context
+(``OTEL_PYTHON_CONTEXT=propagate``, set by ``__main__`` before OpenTelemetry loads) and
+``relay_logs=True``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
+import logging
 import os
 import threading
 import time
@@ -26,6 +32,7 @@ import propagate
 import propagate.dns
 
 tracer = trace.get_tracer("propagate.demo")
+log = logging.getLogger("propagate.demo")
 
 
 class _Where(SpanProcessor):
@@ -48,6 +55,7 @@ def render(page: int) -> int:
                                    "process.pid": os.getpid()}
     with tracer.start_as_current_span(f"render page {page}", attributes=where):
         time.sleep(0.005)
+        log.info("rendered page %d", page)  # INFO: a fresh worker's own logging drops it
         return page
 
 
@@ -70,7 +78,7 @@ class Tools:
         return propagate.ThreadPoolExecutor(**kwargs)
 
     def process_pool(self) -> cf.ProcessPoolExecutor:
-        return propagate.ProcessPoolExecutor(2)
+        return propagate.ProcessPoolExecutor(2, relay_logs=True)
 
     def background_pool(self) -> cf.ThreadPoolExecutor:
         return propagate.ThreadPoolExecutor(1, thread_name_prefix="background", task_spans=True,
@@ -137,6 +145,14 @@ async def _call_api(i: int) -> int:
     return i
 
 
+async def _rows() -> Any:
+    """A streaming response body: its span is current while it streams (a plain
+    OpenTelemetry scope, not propagate's)."""
+    with tracer.start_as_current_span("stream rows"):
+        for row in range(3):
+            yield row
+
+
 async def request(tools: Tools) -> cf.Future[None]:
     """One request: DNS, thread fan-out with a nested pool, processes, asyncio, background."""
     pool, inner = tools.thread_pool(max_workers=3), tools.thread_pool(max_workers=2)
@@ -149,6 +165,11 @@ async def request(tools: Tools) -> cf.Future[None]:
         await tools.to_thread(_work, "parse report")
         call_api = tools.traced(_call_api)
         await asyncio.gather(*(call_api(i) for i in range(3)))
+        rows = _rows()
+        await rows.__anext__()  # its scope is entered here, in the request's task...
+        await asyncio.create_task(rows.aclose())  # ...and exited in another (a disconnect)
+        with tracer.start_as_current_span("summarize"):  # the request's child, or the stream's?
+            pass
         pool.submit(_work, "audit log (fire-and-forget)", 0.05)  # outlives the request
         job = background.submit(tools.traced_task(reindex))
     pool.shutdown()
@@ -157,7 +178,20 @@ async def request(tools: Tools) -> cf.Future[None]:
     return job
 
 
-def run(tools: Tools) -> list[ReadableSpan]:
+class _Lines(logging.Handler):
+    """Keeps the demo's log records, with the span each was logged in (`ContextFilter`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.addFilter(propagate.debug.ContextFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def run(tools: Tools) -> tuple[list[ReadableSpan], list[logging.LogRecord]]:
+    """The request's spans, and the log records of the demo's logger handled here."""
     exporter = InMemorySpanExporter()
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
@@ -165,8 +199,21 @@ def run(tools: Tools) -> list[ReadableSpan]:
         trace.set_tracer_provider(provider)
     provider.add_span_processor(_Where())
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    asyncio.run(request(tools))
-    return list(exporter.get_finished_spans())
+    lines = _Lines()
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        asyncio.run(request(tools))
+    finally:
+        log.removeHandler(lines)
+    return list(exporter.get_finished_spans()), lines.records
+
+
+def log_lines(records: Sequence[logging.LogRecord], spans: Sequence[ReadableSpan]) -> list[str]:
+    """One line per record, naming the span it was logged in."""
+    names = {f"{s.context.span_id:016x}": s.name for s in spans if s.context is not None}
+    return [f"{r.levelname} pid {r.process} in {names.get(r.otelSpanID, 'no span')!r} "  # type: ignore[attr-defined]
+            f"(span {r.otelSpanID}): {r.getMessage()}" for r in records]  # type: ignore[attr-defined]
 
 
 def _thread(span: ReadableSpan) -> str:
@@ -226,7 +273,7 @@ def as_json(spans: Sequence[ReadableSpan]) -> str:
 
 def main(stdlib: bool = False, as_json_output: bool = False) -> int:
     tools = StdlibTools() if stdlib else Tools()
-    spans = run(tools)
+    spans, records = run(tools)
     if as_json_output:
         print(as_json(spans))
         return 0
@@ -235,6 +282,8 @@ def main(stdlib: bool = False, as_json_output: bool = False) -> int:
     print(f"One request, run with {tools.label}'s tools: {len(spans)} spans in "
           f"{len(traces)} traces; {rendered} of 2 spans from worker processes arrived.\n")
     print("\n".join(tree(spans)))
+    print("\nLog lines of the worker processes, handled here:")
+    print("\n".join(log_lines(records, spans)) or "(none arrived)")
     if not stdlib:
         print("\nCompare: python -m propagate demo --stdlib")
     return 0

@@ -43,16 +43,28 @@ class Options(NamedTuple):
     relay: bool = True
     main_by_value: bool = False  # the workers' __main__ is not ours (Dask, loky): cloudpickle it
     subinterpreters: bool = False  # they find __main__ only if it is a file (see _wire.Lazy)
+    relay_logs: bool = False  # the workers' log records come home (_logs)
 
     @classmethod
     def checked(cls, task_spans: bool = False, link: bool = False, relay: bool = True,
-                main_by_value: bool = False, subinterpreters: bool = False) -> Options:
-        """The options a constructor was given, checked there: bools only; link needs a span."""
-        for name, value in (("task_spans", task_spans), ("link", link), ("relay", relay)):
+                main_by_value: bool = False, subinterpreters: bool = False,
+                relay_logs: bool = False) -> Options:
+        """The options a constructor was given, checked there: bools only; link needs a span;
+        relay_logs needs opentelemetry-sdk, whose relay carries the records."""
+        for name, value in (("task_spans", task_spans), ("link", link), ("relay", relay),
+                            ("relay_logs", relay_logs)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, not {value!r}")
-        options = cls(task_spans or link, link, relay, main_by_value, subinterpreters)
+        if relay_logs and not _relay_module():
+            raise ImportError("relay_logs=True needs opentelemetry-sdk, which carries the "
+                              "records home: pip install 'propagate[sdk]'")
+        options = cls(task_spans or link, link, relay, main_by_value, subinterpreters,
+                      relay_logs)
         return PLAIN if options == PLAIN else options
+
+    def asked(self) -> tuple[bool, ...]:
+        """What the user chose (the rest follows from the executor)."""
+        return (self.task_spans, self.link, self.relay, self.relay_logs)
 
 
 PLAIN = Options()
@@ -111,8 +123,13 @@ def settled(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 
 _NO_KWARGS: dict[str, Any] = {}  # held by every task called without: never changed
-_NO_SPAN_SENT_BY_STDLIB: tuple[None, int, bool, bool] = (None, 0, False, True)  # no task span
-_NO_SPAN_SENT_BY_OTHERS: tuple[None, int, bool, bool] = (None, 0, False, False)
+# A task's own fields: its span's name (None: no span), when it was submitted, whether
+# the span links instead of parenting, whether the stdlib's pool sends the result (with
+# multiprocessing's pickler, so the worker checks a result carrying spans can be sent
+# before it goes), and, with relay_logs, (origin, the submitter's logger levels).
+Task = tuple[str | None, int, bool, bool, Any]
+_NO_SPAN_SENT_BY_STDLIB: Task = (None, 0, False, True, None)  # no task span, no logs
+_NO_SPAN_SENT_BY_OTHERS: Task = (None, 0, False, False, None)
 
 
 def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -126,11 +143,13 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     raises `ContextSerializationError` here in both cases.
     """
     identity, baggage, values = _context.capture_fields()
-    # The last field: whether the stdlib's pool sends the result, with multiprocessing's
-    # pickler (so the worker checks a result carrying spans can be sent before it goes).
-    task: tuple[str | None, int, bool, bool]
+    task: Task
+    logs = _logs_home() if options.relay_logs else None
     if options.task_spans:
-        task = (_wire.describe(fn), time.time_ns(), options.link, not options.main_by_value)
+        task = (_wire.describe(fn), time.time_ns(), options.link, not options.main_by_value,
+                logs)
+    elif logs is not None:
+        task = (None, 0, False, not options.main_by_value, logs)
     else:  # one tuple for every such task: each pending task holds its envelope
         task = _NO_SPAN_SENT_BY_OTHERS if options.main_by_value else _NO_SPAN_SENT_BY_STDLIB
     origin = _relay_origin() if options.relay else None
@@ -191,6 +210,13 @@ def _relay_origin() -> tuple[int, str] | None:
     return relay.origin() if relay else None
 
 
+def _logs_home() -> tuple[tuple[int, str], Any]:
+    """A relay_logs task's field: where its records go, and the levels that choose them."""
+    from . import _logs
+
+    return _relay_module().here(), _logs.levels()
+
+
 def run_detached(*sent: Any) -> Any:
     """Run a task made by `bind_detached`, in the worker, in a copy of the worker's context.
 
@@ -231,8 +257,14 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
                   detached: tuple[Any, ...] | None) -> Any:
     """Run the task in the current Context: with ``detached`` entered around it, if given
     (else the Context was made with it current, by `_context.task_context`)."""
-    relay: Any = _relay_module() if origin is not None else None
-    batch = relay.open_batch(origin) if relay else None  # None where the task was sent from
+    relay: Any = None
+    batch = logs = None  # each None where the task was sent from, or is not relayed
+    if origin is not None or task[4] is not None:
+        relay = _relay_module()
+        if relay:
+            batch = relay.open_batch(origin) if origin is not None else None
+            logs = _capture_logs(relay, *task[4]) if task[4] is not None else None
+    home = origin if origin is not None else task[4][0] if task[4] is not None else None
     state = None if detached is None else _context.enter(*detached)
     unsendable = None
     try:
@@ -241,9 +273,10 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         else:
             result = settled(_run_task, task, fn, args, kwargs)
     except BaseException as exc:
-        if batch is None:
+        if batch is None and logs is None:
             raise
-        unsendable = _carry_home(relay, origin, batch.close(), exc, task[3], raised=True)
+        unsendable = _carry_home(relay, home, _closed(batch), exc, task[3], raised=True,
+                                 logs=_closed(logs))
         if unsendable is None:
             raise
     finally:
@@ -251,33 +284,49 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
             _context.leave(state)
     if unsendable is not None:  # raised here, outside the handler: it has no __context__
         raise unsendable
-    if batch is None:
+    if batch is None and logs is None:
         return result
-    spans = batch.close()
-    if not spans:
+    spans, records = _closed(batch), _closed(logs)
+    if not spans and not records:
         return result
-    unsendable = _carry_home(relay, origin, spans, result, task[3])
+    unsendable = _carry_home(relay, home, spans, result, task[3], logs=records)
     if unsendable is not None:
         raise unsendable
-    return relay.reply(origin, spans, result)
+    return relay.reply(home, spans, result, records)
+
+
+def _capture_logs(relay: Any, origin: tuple[int, str], levels: Any) -> Any:
+    """The task's log capture (`_logs.Capture`); None where it was sent from."""
+    if origin == relay.here():  # this process: its own handlers take the records
+        return None
+    from . import _logs
+
+    return _logs.capture(levels)
+
+
+def _closed(collected: Any) -> list[Any]:
+    """What a span batch or a log capture collected, now closed; [] for None."""
+    return [] if collected is None else collected.close()
 
 
 def _carry_home(relay: Any, origin: tuple[int, str] | None, spans: list[Any], outcome: object,
-                checked: bool, raised: bool = False) -> BaseException | None:
-    """Ready ``spans`` to ride home on ``outcome``, the task's result or its exception.
+                checked: bool, raised: bool = False,
+                logs: list[bytes] | None = None) -> BaseException | None:
+    """Ready ``spans`` (and log records) to ride home on ``outcome``, the task's result or
+    its exception.
 
     Where the stdlib's pool will pickle the outcome (``checked``), check first that it
     can. If not, returns the pickler's own exception, carrying the spans, to be raised in
     its place: the stdlib sends that exception home when an outcome cannot be pickled.
     It is freed of the outcome (``__context__``), which could not be pickled either.
     """
-    error = _wire.sendable(outcome) if checked and spans else None
+    error = _wire.sendable(outcome) if checked and (spans or logs) else None
     if error is not None:
         error.__context__ = error.__cause__ = None
-        relay.stash(error, origin, spans)
+        relay.stash(error, origin, spans, logs)
         return error
     if raised:  # the spans ride on it (else on the result's Reply)
-        relay.stash(outcome, origin, spans)
+        relay.stash(outcome, origin, spans, logs)
     return None
 
 
@@ -355,7 +404,7 @@ def _is_a(executor: object, module: str, name: str) -> bool:
 
 
 def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool = False,
-                  relay: bool = True) -> cf.Executor:
+                  relay: bool = True, relay_logs: bool = False) -> cf.Executor:
     """Like the given executor, but every task runs in the submitter's context.
 
     A thread pool runs each task in a snapshot of the submitter's context (every
@@ -363,6 +412,8 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
     `DetachedContext` (trace identity, baggage, registered ContextVars), and spans
     recorded by the worker come home through the relay. Changes made in a task never
     flow back to the submitter. ``relay=False`` leaves the workers' own tracing alone.
+    ``relay_logs=True`` brings the log records tasks emit in the workers home, as for
+    `propagate.ProcessPoolExecutor`; a thread pool's records are handled here anyway.
 
     An ``InterpreterPoolExecutor`` (3.14+) runs each task in a subinterpreter: it gets
     a detached context, as processes do, and its spans come home through the relay.
@@ -381,17 +432,17 @@ def wrap_executor(executor: cf.Executor, *, task_spans: bool = False, link: bool
     interpreters = is_interpreter_pool(executor)
     stdlib_pickles = interpreters or is_process_pool(executor)
     options = Options.checked(task_spans, link, relay, main_by_value=not stdlib_pickles,
-                              subinterpreters=interpreters)
+                              subinterpreters=interpreters, relay_logs=relay_logs)
     if isinstance(executor, Binding):  # binds already: wrapping again would bind twice
         return _already_binding(executor, options)
     return WrappedExecutor(executor, options)
 
 
 def _already_binding(executor: Binding, options: Options) -> cf.Executor:
-    asked = options[:3]
-    if asked != PLAIN[:3] and asked != executor._propagate[:3]:
+    asked = options.asked()
+    if asked != PLAIN.asked() and asked != executor._propagate.asked():
         raise ValueError(
-            f"{executor!r} already carries the context with its own task_spans, link and "
-            "relay; set them where it is made instead of in wrap_executor()")
+            f"{executor!r} already carries the context with its own task_spans, link, "
+            "relay and relay_logs; set them where it is made instead of in wrap_executor()")
     assert isinstance(executor, cf.Executor)
     return executor

@@ -46,7 +46,8 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
     With ``relay=True`` (the default) and opentelemetry-sdk's tracer provider installed
     here, the spans a subinterpreter records come home to this interpreter's span
     processors, exactly once, before the task's future resolves. ``task_spans`` and
-    ``link`` work as for `propagate.ThreadPoolExecutor`.
+    ``link`` work as for `propagate.ThreadPoolExecutor`. ``relay_logs=True`` brings the
+    ``logging`` records a task emits home, as for `propagate.ProcessPoolExecutor`.
     """
 
     def __init__(
@@ -59,9 +60,11 @@ class InterpreterPoolExecutor(cf.InterpreterPoolExecutor, Binding):  # type: ign
         task_spans: bool = False,
         link: bool = False,
         relay: bool = True,
+        relay_logs: bool = False,
     ) -> None:
         super().__init__(max_workers, thread_name_prefix, initializer, initargs)
-        self._propagate = Options.checked(task_spans, link, relay, subinterpreters=True)
+        self._propagate = Options.checked(task_spans, link, relay, subinterpreters=True,
+                                          relay_logs=relay_logs)
 
     @classmethod
     def prepare_context(cls, initializer: Callable[..., object] | None,

@@ -210,6 +210,21 @@ def default_executor(loop: object) -> object | None:
     return getattr(loop, "_default_executor", None)
 
 
+# -- logging ----------------------------------------------------------------------------------
+
+
+def logger_cache(logger: object) -> dict[Any, Any] | None:
+    """A logger's level cache (``Logger._cache``, 3.7 to 3.15), which ``setLevel``,
+    ``logging.disable`` and ``dictConfig`` clear on every logger; None where it moved.
+    """
+    cache = getattr(logger, "_cache", None)
+    if not isinstance(cache, dict):
+        moved("logging.Logger._cache", "relay_logs reads the submitter's logger levels at "
+              "every submit")
+        return None
+    return cache
+
+
 # -- multiprocessing ------------------------------------------------------------------------
 
 

@@ -37,6 +37,13 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor, Binding):
     exactly once, before the task's future resolves; workers need no configuration and
     export nothing themselves. ``task_spans`` and ``link`` work as for
     `propagate.ThreadPoolExecutor`, with ``process.pid`` added.
+
+    With ``relay_logs=True`` (needs opentelemetry-sdk), the ``logging`` records a task
+    emits in a worker are handled here instead, by this process's loggers, once each,
+    in order, before the task's future resolves, and with the worker's span context of
+    the moment they were logged current: handlers and filters see the worker's trace
+    and span ids. This process's logger levels decide which records come home; the
+    worker's handlers see none of them. See the processes guide.
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor, Binding):
         task_spans: bool = False,
         link: bool = False,
         relay: bool = True,
+        relay_logs: bool = False,
     ) -> None:
         if max_tasks_per_child is None:
             super().__init__(max_workers, mp_context, initializer, initargs)
@@ -58,7 +66,7 @@ class ProcessPoolExecutor(cf.ProcessPoolExecutor, Binding):
         else:
             super().__init__(max_workers, mp_context, initializer, initargs,
                              max_tasks_per_child=max_tasks_per_child)
-        self._propagate = Options.checked(task_spans, link, relay)
+        self._propagate = Options.checked(task_spans, link, relay, relay_logs=relay_logs)
         if mp_context is None:  # the stdlib's choice, made in its __init__ just now
             mp_context = multiprocessing.get_context(
                 None if max_tasks_per_child is None else "spawn")

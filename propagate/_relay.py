@@ -198,9 +198,10 @@ def open_batch(origin: Origin) -> Batch | None:
     return Batch(origin)
 
 
-def reply(origin: Origin, spans: list[tuple[Any, ...]], result: Any) -> Any:
-    """What the task returns: its result, carrying its spans home if it has any."""
-    return Reply(origin, _source(), spans, result) if spans else result
+def reply(origin: Origin, spans: list[tuple[Any, ...]], result: Any,
+          logs: list[bytes] | None = None) -> Any:
+    """What the task returns: its result, carrying its spans (and log records) home."""
+    return Reply(origin, _source(), spans, result, logs) if spans or logs else result
 
 
 def _source() -> Source:
@@ -209,22 +210,34 @@ def _source() -> Source:
 
 
 class _Delivery:
-    """Spans on their way home: pickled before what they ride on, so unpickled first."""
+    """Spans (and log records, `_logs`) on their way home: pickled before what they ride
+    on, so unpickled first."""
 
-    __slots__ = ("origin", "source", "spans")
+    __slots__ = ("logs", "origin", "source", "spans")
 
-    def __init__(self, origin: Origin, source: Source, spans: list[tuple[Any, ...]]) -> None:
-        self.origin, self.source, self.spans = origin, source, spans
+    def __init__(self, origin: Origin, source: Source, spans: list[tuple[Any, ...]],
+                 logs: list[bytes] | None = None) -> None:
+        self.origin, self.source, self.spans, self.logs = origin, source, spans, logs
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if self.logs:
+            return (_delivered, (self.origin, self.source, self.spans, self.logs))
         return (_delivered, (self.origin, self.source, self.spans))
 
 
-def _delivered(origin: Origin, source: Source, spans: list[tuple[Any, ...]]) -> _Delivery | None:
-    """None once delivered here; the delivery itself, still to carry, anywhere else."""
+def _delivered(origin: Origin, source: Source, spans: list[tuple[Any, ...]],
+               logs: list[bytes] | None = None) -> _Delivery | None:
+    """None once delivered here; the delivery itself, still to carry, anywhere else.
+
+    Spans first, then the records: a record's handler may look its span up.
+    """
     if origin != here():  # unpickled on the way (a Dask worker spilling it): keep carrying
-        return _Delivery(origin, source, spans)
+        return _Delivery(origin, source, spans, logs)
     deliver(source, spans)
+    if logs:
+        from . import _logs
+
+        _logs.deliver(logs)
     return None
 
 
@@ -234,8 +247,8 @@ class Reply:
     __slots__ = ("delivery", "result")
 
     def __init__(self, origin: Origin, source: Source, spans: list[tuple[Any, ...]],
-                 result: Any) -> None:
-        self.delivery, self.result = _Delivery(origin, source, spans), result
+                 result: Any, logs: list[bytes] | None = None) -> None:
+        self.delivery, self.result = _Delivery(origin, source, spans, logs), result
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_arrive, (self.delivery, self.result))
@@ -252,8 +265,10 @@ def _arrive(delivery: _Delivery | None, result: Any) -> Any:
 # -- spans on a task's exception ---------------------------------------------------------------
 
 
-def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]]) -> None:
-    """Let ``exc`` carry ``spans`` home without changing its type, args or traceback.
+def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]],
+          logs: list[bytes] | None = None) -> None:
+    """Let ``exc`` carry ``spans`` (and ``logs``) home without changing its type, args or
+    traceback.
 
     First forgets what an earlier task stashed on the same object (a cached exception
     raised again, or returned as a value), so no span goes home twice. Then:
@@ -267,9 +282,9 @@ def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]]) -> N
     """
     vars(exc).pop("__reduce_ex__", None)
     vars(exc).pop(_KEY, None)
-    if not spans:
+    if not spans and not logs:
         return
-    delivery = _Delivery(origin, _source(), spans)
+    delivery = _Delivery(origin, _source(), spans, logs)
     kind = type(exc)
     if kind not in copyreg.dispatch_table and kind not in _private.forking_reducers():
         exc.__reduce_ex__ = _Carry(exc, delivery)  # type: ignore[method-assign,assignment]

@@ -54,7 +54,7 @@ from . import _context, _private
 from ._errors import ContextSerializationError, TaskSerializationError
 from ._version import __version__
 
-WIRE = 3  # the envelope's layout; 0.1 sent a bare blob, and had no number
+WIRE = 4  # the envelope's layout; 0.1 sent a bare blob, and had no number
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 

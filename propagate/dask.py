@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def executor(client: Client, *, task_spans: bool = False, link: bool = False,
-             relay: bool = True, **kwargs: Any) -> cf.Executor:
+             relay: bool = True, relay_logs: bool = False, **kwargs: Any) -> cf.Executor:
     """Like ``client.get_executor(**kwargs)``, but every task runs in the submitter's context.
 
     The same as ``propagate.wrap_executor(client.get_executor(pure=False, **kwargs))``.
@@ -32,8 +32,10 @@ def executor(client: Client, *, task_spans: bool = False, link: bool = False,
     (and Dask is spared hashing the pickled task). Other keyword arguments (``workers``,
     ``resources``, ``retries``...) go to ``get_executor``. ``task_spans`` and ``link``
     work as for `propagate.ThreadPoolExecutor`; ``relay=False`` leaves the workers'
-    own tracing alone (their spans stay there).
+    own tracing alone (their spans stay there). ``relay_logs=True`` brings the ``logging``
+    records a task emits on a worker home, as for `propagate.ProcessPoolExecutor`.
     """
     kwargs.setdefault("pure", False)
     get_executor: Any = client.get_executor  # unannotated in distributed, so untyped to mypy
-    return wrap_executor(get_executor(**kwargs), task_spans=task_spans, link=link, relay=relay)
+    return wrap_executor(get_executor(**kwargs), task_spans=task_spans, link=link, relay=relay,
+                         relay_logs=relay_logs)

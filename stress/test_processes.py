@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import logging
 import multiprocessing
 import random
+import threading
 
 import pytest
 from conftest import SCALE, Run
 from workload import (
     CHILD,
+    LOGS,
     PLAIN,
     intact,
+    log_lines,
     mapped,
     request,
     run_async,
@@ -30,6 +34,7 @@ from workload import (
 )
 
 import propagate
+from propagate.debug import ContextFilter
 
 SUBMITTERS = 4
 
@@ -160,3 +165,49 @@ def test_asyncio_to_thread_to_process(run: Run, method: str) -> None:
     nested, direct = counts["nested"], counts["direct"]
     run.verify(tasks=6 * nested + 2 * direct,
                relayed={"stress.task": 2 * nested + direct, "stress.request": nested})
+
+
+@pytest.mark.stress(rounds=2)
+def test_relay_logs_once_in_order_under_their_span(run: Run, method: str) -> None:
+    """I6: with relay_logs, every record of every task is handled here exactly once, a
+    task's in the order logged, under the task's worker span, while submitters race."""
+    requests = run.size(quick=40, long=300)
+    pool = propagate.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method),
+                                         relay_logs=True)
+    seen: dict[str, list[tuple[int, str]]] = {}
+    lock = threading.Lock()
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            prefix, number = record.getMessage().rsplit(" ", 1)
+            with lock:
+                seen.setdefault(prefix, []).append((int(number), record.otelSpanID))  # type: ignore[attr-defined]
+
+    keep = Keep()
+    keep.addFilter(ContextFilter())
+    LOGS.addHandler(keep)
+    LOGS.setLevel(logging.INFO)
+    sent: dict[str, tuple[int, cf.Future[int]]] = {}
+
+    def body(index: int, rng: random.Random) -> None:
+        for i in range(requests):
+            n = rng.randint(0, 12)
+            prefix = f"logs-{index}-{i}"
+            future = pool.submit(log_lines, prefix, n)
+            with lock:
+                sent[prefix] = (n, future)
+
+    try:
+        submitters(SUBMITTERS, run.seed, body, run.tally)
+        errors = []
+        for prefix, (n, future) in sent.items():
+            span_id = f"{future.result(timeout=120):016x}"
+            got = seen.get(prefix, [])  # handled before the future resolved: here by now
+            if got != [(i, span_id) for i in range(n)]:
+                errors.append(f"{method}: {prefix}: {n} lines under {span_id}, got {got}")
+        run.tally.add((len(sent), tuple(errors)))
+    finally:
+        pool.shutdown(wait=True)
+        LOGS.removeHandler(keep)
+        LOGS.setLevel(logging.NOTSET)
+    run.verify(tasks=len(sent), relayed={"stress.logs": len(sent)})

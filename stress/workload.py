@@ -729,3 +729,16 @@ class DetachFailures(logging.Handler):
             if len(self.first) < KEEP:
                 error = record.exc_info[1] if record.exc_info else None
                 self.first.append(f"{record.threadName}: {record.getMessage()} {error!r}")
+
+
+# -- relay_logs ----------------------------------------------------------------------------------
+
+LOGS = logging.getLogger("stress.logs")
+
+
+def log_lines(prefix: str, n: int) -> int:
+    """In a worker: log ``n`` numbered INFO lines inside a span; return its span id."""
+    with TRACER.start_as_current_span("stress.logs") as span:
+        for i in range(n):
+            LOGS.info("%s %d", prefix, i)
+        return span.get_span_context().span_id

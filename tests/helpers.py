@@ -177,9 +177,10 @@ def assert_freed(ref: weakref.ref[Any], timeout: float = 60) -> None:
 
 
 def assert_demo_tree(spans: list[dict[str, Any]]) -> None:
-    """``python -m propagate demo --json``'s spans form one request's tree (I1, I6): every
-    span but the background job descends from the request, those of worker processes
-    included, and the job is a new trace linked to the request."""
+    """``python -m propagate demo --json``'s spans form one request's tree (I1, I4, I6):
+    every span but the background job descends from the request, those of worker
+    processes included, the span after a stream closed in another task is the request's
+    child, and the job is a new trace linked to the request."""
     by_id = {s["span_id"]: s for s in spans}
     [request] = [s for s in spans if s["name"] == "GET /report"]
     [job] = [s for s in spans if s["name"] == "reindex"]
@@ -190,6 +191,8 @@ def assert_demo_tree(spans: list[dict[str, Any]]) -> None:
         while span["parent_id"] in by_id:
             span = by_id[span["parent_id"]]
         assert span is request
+    [summarize] = [s for s in spans if s["name"] == "summarize"]
+    assert summarize["parent_id"] == request["span_id"]  # not the stream's, ended elsewhere
     names = {s["name"] for s in spans}
     assert {"dns.lookup", "render page 0", "render page 1", "parse report",
             "audit log (fire-and-forget)", "decode shard 2"} <= names

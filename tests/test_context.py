@@ -298,7 +298,7 @@ def detached_task(fn: Any, values: dict[str, object], identity: Any = None) -> t
     """A task as a worker receives it: its context sealed, sent from nowhere (no relay)."""
     from propagate import _wire
 
-    return _wire.envelope(fn, (), {}, (None, 0, False, True),
+    return _wire.envelope(fn, (), {}, (None, 0, False, True, None),
                           _wire.context(identity, {}, values, None))
 
 

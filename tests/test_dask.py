@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from opentelemetry.trace import StatusCode
 
 import propagate
 import propagate.dask
+from propagate.debug import ContextFilter
 from tests import dask_tasks
 from tests.helpers import extra_state, one_span, setting, spans_named, with_baggage
 
@@ -398,3 +400,32 @@ def test_function_defined_in_main_runs_on_workers():
                           timeout=WAIT * 2)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["plain 42", "propagate 42"]
+
+
+def test_relay_logs_brings_worker_records_home(client, tracer):
+    """I6: with relay_logs, a Dask worker's records reach this process's handler once, in
+    order, under the worker's span."""
+    from tests import log_tasks
+
+    kept: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    handler = Keep()
+    handler.addFilter(ContextFilter())
+    logger = logging.getLogger("tests.log_tasks")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        executor = propagate.dask.executor(client, relay_logs=True)
+        with tracer.start_as_current_span("client"):
+            seen = executor.submit(log_tasks.log_in_span, "work", "one", "two").result(
+                timeout=WAIT)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert [r.getMessage() for r in kept] == ["one", "two"]
+    assert {r.process for r in kept} == {seen["pid"]} != {os.getpid()}
+    assert {r.otelSpanID for r in kept} == {f"{seen['span_id']:016x}"}

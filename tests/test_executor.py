@@ -34,7 +34,7 @@ DROP_INS = [(propagate.ThreadPoolExecutor, cf.ThreadPoolExecutor),
              (propagate.ProcessPoolExecutor, cf.ProcessPoolExecutor)]
 if sys.version_info >= (3, 14):
     DROP_INS.append((propagate.InterpreterPoolExecutor, cf.InterpreterPoolExecutor))
-OURS = {"task_spans", "link", "relay"}  # what the drop-ins add, keyword-only
+OURS = {"task_spans", "link", "relay", "relay_logs"}  # what the drop-ins add, keyword-only
 NEWER = {"ctxkwargs", "max_tasks_per_child"}  # stdlib parameters of newer Pythons
 
 

@@ -24,12 +24,18 @@ def demo_spans() -> list[dict[str, object]]:
 
 
 def test_demo_prints_one_connected_tree() -> None:
-    """I1, I3, I6: the demo's request is one trace; only the linked job starts another."""
+    """I1, I3, I4, I6: the demo's request is one trace; only the linked job starts another;
+    the stream closed in another task logs nothing; the workers' log lines arrive, each
+    naming the worker span it was logged in."""
     done = run("demo")
     assert done.returncode == 0 and done.stderr == "", done.stderr
     first = done.stdout.splitlines()[0]
     assert "in 2 traces; 2 of 2 spans from worker processes arrived" in first
     assert "↪ linked from 'GET /report'" in done.stdout
+    logs = done.stdout.split("handled here:\n")[1].splitlines()[:2]
+    assert sorted(line.split(" (span ")[0].split(" in ")[1] for line in logs) == [
+        "'render page 0'", "'render page 1'"]
+    assert all(line.startswith("INFO pid ") and "rendered page" in line for line in logs)
 
 
 def test_demo_json_parentage(demo_spans: list[dict[str, object]]) -> None:
@@ -44,6 +50,12 @@ def test_demo_stdlib_shows_the_broken_tree() -> None:
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
     assert "0 of 2 spans from worker processes arrived" in first
+    assert "Failed to detach context" in done.stderr  # the stream, closed in another task
+    lines = done.stdout.splitlines()
+    stream = next(i for i, line in enumerate(lines) if line.strip().startswith("stream rows"))
+    indent = len(lines[stream]) - len(lines[stream].lstrip())
+    assert lines[stream + 1].startswith(" " * (indent + 2) + "summarize")  # the wrong parent
+    assert "handled here:\n(none arrived)" in done.stdout
     traces = int(first.split(" spans in ")[1].split(" traces")[0])
     # Under 3.14's thread_inherit_context each stdlib thread starts in a copy of its
     # creator's context, so this request's threads stay in one trace (a reused worker

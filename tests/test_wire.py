@@ -29,7 +29,7 @@ TIMEOUT = 60  # seconds: only bounds a hang of the one real worker
 
 def envelope(fn: Callable[..., Any], *args: Any, values: dict[str, object] | None = None,
              **kwargs: Any) -> tuple[Any, ...]:
-    return _wire.envelope(fn, args, kwargs, (None, 0, False, True),
+    return _wire.envelope(fn, args, kwargs, (None, 0, False, True, None),
                           _wire.context(None, {}, values or {}, None))
 
 
