@@ -149,7 +149,7 @@ def bind_detached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         task = (_wire.describe(fn), time.time_ns(), options.link, not options.main_by_value,
                 logs)
     elif logs is not None:
-        task = (None, 0, False, not options.main_by_value, logs)
+        task = _logs_task(not options.main_by_value, logs)
     else:  # one tuple for every such task: each pending task holds its envelope
         task = _NO_SPAN_SENT_BY_OTHERS if options.main_by_value else _NO_SPAN_SENT_BY_STDLIB
     origin = _relay_origin() if options.relay else None
@@ -211,10 +211,36 @@ def _relay_origin() -> tuple[int, str] | None:
 
 
 def _logs_home() -> tuple[tuple[int, str], Any]:
-    """A relay_logs task's field: where its records go, and the levels that choose them."""
-    from . import _logs
+    """A relay_logs task's field: where its records go, and the levels that choose them.
 
-    return _relay_module().here(), _logs.levels()
+    The same tuple while neither changes (tasks of one pool share it, as they share
+    the no-span task tuples).
+    """
+    global _logs, _logs_field
+    if _logs is None:
+        from . import _logs as module  # needs only the stdlib, but only relay_logs needs it
+
+        _logs = module
+    origin, levels = _relay_module().here(), _logs.levels()
+    field = _logs_field
+    if field[0] is not origin or field[1] is not levels:
+        field = _logs_field = (origin, levels)
+    return field
+
+
+_logs: Any = None  # propagate._logs, imported on first use
+_logs_field: tuple[Any, Any] = (None, None)
+
+
+def _logs_task(checked: bool, logs: tuple[Any, Any]) -> Task:
+    """The task fields of a relay_logs task without a span: one tuple per ``logs`` field."""
+    task = _logs_tasks.get(checked)
+    if task is None or task[4] is not logs:
+        task = _logs_tasks[checked] = (None, 0, False, checked, logs)
+    return task
+
+
+_logs_tasks: dict[bool, Task] = {}
 
 
 def run_detached(*sent: Any) -> Any:
@@ -299,9 +325,9 @@ def _capture_logs(relay: Any, origin: tuple[int, str], levels: Any) -> Any:
     """The task's log capture (`_logs.Capture`); None where it was sent from."""
     if origin == relay.here():  # this process: its own handlers take the records
         return None
-    from . import _logs
+    from ._logs import capture
 
-    return _logs.capture(levels)
+    return capture(levels)
 
 
 def _closed(collected: Any) -> list[Any]:

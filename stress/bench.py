@@ -124,11 +124,14 @@ def bench_processes(rounds: int, n: int) -> dict[str, dict[str, float]]:
     std = fresh(lambda: cf.ProcessPoolExecutor(WORKERS))
     relay = fresh(lambda: propagate.ProcessPoolExecutor(WORKERS))
     plain = fresh(lambda: propagate.ProcessPoolExecutor(WORKERS, relay=False))
+    # what relay_logs adds to a task that logs nothing: the levels it carries, the capture
+    logs = fresh(lambda: propagate.ProcessPoolExecutor(WORKERS, relay_logs=True))
     rounds *= POOL_ROUNDS
     with tracer.start_as_current_span("bench"):
         return {
             "processes, relay on": paired(std, relay, rounds, n),
             "processes, relay off": paired(std, plain, rounds, n),
+            "processes, relay_logs on": paired(std, logs, rounds, n),
         }
 
 
