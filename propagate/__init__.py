@@ -22,6 +22,7 @@ if typing.TYPE_CHECKING:
     from ._asyncio import install, run_in_executor, to_thread
     from ._context import DetachedContext, capture, register
     from ._executor import wrap_executor
+    from ._instrument import instrument, uninstrument
     from ._process import ProcessPoolExecutor
     from ._span import span, trace
     from ._thread import Thread, ThreadPoolExecutor, Timer, wrap
@@ -42,6 +43,7 @@ _LAZY: dict[str, str | None] = {
     "span": "._span", "trace": "._span",
     "to_thread": "._asyncio", "run_in_executor": "._asyncio", "install": "._asyncio",
     "ProcessPoolExecutor": "._process",
+    "instrument": "._instrument", "uninstrument": "._instrument",
     "debug": None, "dns": None,  # submodules
 }
 if sys.version_info >= (3, 14):
@@ -78,6 +80,9 @@ __all__ = [
     "to_thread",
     "run_in_executor",
     "install",
+    # the stdlib's own pools and threads, patched for the whole process
+    "instrument",
+    "uninstrument",
     # span scopes that only exit where they entered
     "span",
     "trace",

@@ -210,6 +210,62 @@ def default_executor(loop: object) -> object | None:
     return getattr(loop, "_default_executor", None)
 
 
+# -- opentelemetry-instrumentation-threading ------------------------------------------------
+
+_OTEL_THREADING = "opentelemetry.instrumentation.threading"
+
+
+def otel_threading_unwrapped(obj: Any) -> Any:
+    """``obj`` freed of what OpenTelemetry's threading instrumentor put around it, if anything.
+
+    ``ThreadingInstrumentor`` wraps ``Thread.start``, ``Thread.run``, ``Timer.start``,
+    ``Timer.run`` and ``ThreadPoolExecutor.submit`` in wrapt ``FunctionWrapper``s: peeled
+    here through their public ``__wrapped__``, recognised by wrapt's ``_self_wrapper`` (the
+    wrapper function, defined in that module). Its ``submit`` wrapper hands the pool a
+    closure, ``wrapped_func``, that attaches the submitter's OpenTelemetry context around
+    the task: its ``original_func`` is returned instead. Tested on
+    opentelemetry-instrumentation-threading 0.66b1 and wrapt 2.5; where the closure moved,
+    ``obj`` is returned as it is, with a warning (the task is then bound twice: right, but
+    slower).
+    """
+    while getattr(getattr(obj, "_self_wrapper", None), "__module__", None) == _OTEL_THREADING \
+            and hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    if getattr(obj, "__module__", None) != _OTEL_THREADING \
+            or getattr(obj, "__name__", None) != "wrapped_func":
+        return obj
+    code, cells = getattr(obj, "__code__", None), getattr(obj, "__closure__", None) or ()
+    names = getattr(code, "co_freevars", ())
+    if "original_func" not in names or len(names) != len(cells):
+        moved(f"{_OTEL_THREADING}'s submit wrapper (original_func)", "tasks submitted to a "
+              "ThreadPoolExecutor are bound by it as well as by propagate")
+        return obj
+    return cells[names.index("original_func")].cell_contents
+
+
+def splice_out(attribute: object, replaced: dict[int, object]) -> None:
+    """Rewire each wrapt proxy in ``attribute``'s chain that wraps a key of ``replaced``
+    (by ``id``) to wrap that key's value instead.
+
+    For `propagate.uninstrument` when another instrumentation (OpenTelemetry's threading
+    one) wrapped a method propagate patched: its wrapper stays, around the stdlib's method,
+    so it can still unwrap itself. Sets wrapt's ``__wrapped__``; warns where that fails.
+    """
+    node = attribute
+    for _ in range(64):  # a chain of wrappers, never a cycle: bounded all the same
+        inner = getattr(node, "__wrapped__", None)
+        if inner is None:
+            return
+        if id(inner) in replaced:
+            try:
+                node.__wrapped__ = replaced[id(inner)]  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                moved("wrapt's ObjectProxy.__wrapped__ (writable)", "a wrapper put over "
+                      "propagate.instrument()'s methods keeps calling them after uninstrument()")
+            return
+        node = inner
+
+
 # -- logging ----------------------------------------------------------------------------------
 
 

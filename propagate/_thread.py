@@ -74,23 +74,34 @@ class _StartsInSnapshot(threading.Thread):
 
     def start(self) -> None:
         """Start the thread; it runs in a copy of the context of the code calling ``start()``."""
-        if self.ident is not None:  # started already: let threading raise, touching nothing
-            super().start()
-        call, args, kwargs = bind_snapshot(settled, (self.run,), {})
+        start_in_snapshot(self, super().start)
 
-        def run_in_snapshot() -> None:
-            try:
-                call(*args, **kwargs)
-            finally:
-                self.__dict__.pop("run", None)  # set below: drop the snapshot with it
 
-        self.__dict__["run"] = run_in_snapshot  # over the method, for this start only
-        _private.start_in_empty_context(self)
+def start_in_snapshot(thread: threading.Thread, start: Callable[[], object]) -> None:
+    """Call ``start``, ``thread``'s own, so that its ``run`` runs in a snapshot of this context.
+
+    The snapshot goes in an instance ``run``, over the method, for this start only. The
+    method is called without OpenTelemetry's threading instrumentor's wrapper, if that is
+    on: the snapshot carries its context already.
+    """
+    if thread.ident is not None:  # started already: let threading raise, touching nothing
+        start()
+    run = _private.otel_threading_unwrapped(thread.run)
+    call, args, kwargs = bind_snapshot(settled, (run,), {})
+
+    def run_in_snapshot() -> None:
         try:
-            super().start()
-        except BaseException:
-            self.__dict__.pop("run", None)
-            raise
+            call(*args, **kwargs)
+        finally:
+            thread.__dict__.pop("run", None)  # set below: drop the snapshot with it
+
+    thread.__dict__["run"] = run_in_snapshot  # over the method, for this start only
+    _private.start_in_empty_context(thread)
+    try:
+        start()
+    except BaseException:
+        thread.__dict__.pop("run", None)
+        raise
 
 
 class Thread(_StartsInSnapshot):

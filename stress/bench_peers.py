@@ -27,9 +27,11 @@ ContextVar; one registered with ``propagate.register`` (processes); the OpenTele
 span; the peer's own span; and (processes) whether a span the task ends reaches the
 submitter's span processors. The table prints what these checks saw, never assumptions.
 
-Each peer is set up as its docs say, sending nothing anywhere: OpenTelemetry's
-``ThreadingInstrumentor().instrument()``; ``sentry_sdk.init`` without a DSN, with
-``ThreadingIntegration(propagate_scope=True)`` and ``traces_sample_rate=1.0``;
+``instrument`` is propagate too, as ``propagate.instrument()`` sets it up: the stdlib's own
+pools, patched for the whole process. Each peer is set up as its docs say, sending nothing
+anywhere: OpenTelemetry's ``ThreadingInstrumentor().instrument()``; ``sentry_sdk.init``
+without a DSN, with ``ThreadingIntegration(propagate_scope=True)`` and
+``traces_sample_rate=1.0``;
 ``logfire.configure(send_to_logfire=False, console=False)`` (its own SDK tracer
 provider is then the global one, as for its users); ``ddtrace.patch(futures=True)`` with
 telemetry, remote configuration and the crash tracker off, the agent at a Unix socket
@@ -64,9 +66,11 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = {"threads": ("stdlib", "propagate", "otel-threading", "sentry", "logfire", "ddtrace"),
-           "processes": ("stdlib", "propagate", "logfire")}  # the peers that patch that pool
-DISTS = {"propagate": "propagate", "otel-threading": "opentelemetry-instrumentation-threading",
+CONFIGS = {"threads": ("stdlib", "propagate", "instrument", "otel-threading", "sentry",
+                       "logfire", "ddtrace"),
+           "processes": ("stdlib", "propagate", "instrument", "logfire")}  # what patches it
+DISTS = {"propagate": "propagate", "instrument": "propagate",
+         "otel-threading": "opentelemetry-instrumentation-threading",
          "sentry": "sentry-sdk", "logfire": "logfire", "ddtrace": "ddtrace"}
 THREADS, PROCESSES = 4, 2  # bench.py's pool sizes
 STALL = 300.0  # seconds without a reply from a worker: it hangs
@@ -185,6 +189,16 @@ def setup_propagate(kind: str) -> Peer:
                 recorder=recorder)
 
 
+def setup_instrument(kind: str) -> Peer:
+    """``propagate.instrument()``: the stdlib's own pools, patched for the whole process."""
+    import propagate
+
+    recorder = recording_provider()
+    propagate.register(REGISTERED)
+    propagate.instrument()
+    return Peer(propagate.__version__, stdlib_pool(kind), recorder=recorder)
+
+
 def setup_otel_threading(kind: str) -> Peer:
     from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 
@@ -259,7 +273,7 @@ def setup_ddtrace(kind: str) -> Peer:
 
 
 SETUPS: dict[str, Callable[[str], Peer]] = {
-    "stdlib": setup_stdlib, "propagate": setup_propagate,
+    "stdlib": setup_stdlib, "propagate": setup_propagate, "instrument": setup_instrument,
     "otel-threading": setup_otel_threading, "sentry": setup_sentry,
     "logfire": setup_logfire, "ddtrace": setup_ddtrace}
 

@@ -336,3 +336,14 @@ def mark_worker(value: str) -> None:
 def raise_unshareable(name: str) -> None:
     """Raise an exception that cannot be pickled, having recorded no span."""
     raise SpanThenUnpicklableError()
+
+
+def detached_depth() -> int:
+    """How many of propagate's detached runs this task is inside: one, unless bound twice."""
+    frame = sys._getframe()
+    depth = 0
+    while frame is not None:
+        depth += frame.f_code.co_name == "run_detached" and \
+            frame.f_globals.get("__name__") == "propagate._executor"
+        frame = frame.f_back
+    return depth

@@ -23,6 +23,7 @@ TOP_LEVEL = [
     "capture", "DetachedContext", "register",
     "to_thread", "run_in_executor", "install",
     "span", "trace",
+    "instrument", "uninstrument",
 ]
 MEMBERS = {
     "DetachedContext": ["attach", "to_carrier", "from_carrier"],

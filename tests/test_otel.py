@@ -21,10 +21,11 @@ PACKAGE = pathlib.Path(propagate.__file__).parent
 
 # Whose own code may import OpenTelemetry: the seam, the relay (the SDK side), the SDK's
 # private attributes, the runtime context (which OpenTelemetry itself loads, and which
-# may import nothing but opentelemetry.context.context); and the satellites, which
-# configure or report on a provider.
+# may import nothing but opentelemetry.context.context), the instrumentor that
+# opentelemetry-instrument loads; and the satellites, which configure or report on a provider.
 SEAM = {"_otel.py", "_relay.py", "_private.py",
-        "_runtime.py"}  # the runtime context: OpenTelemetry loads it, half imported
+        "_runtime.py",  # the runtime context: OpenTelemetry loads it, half imported
+        "_instrumentor.py"}  # an entry point of opentelemetry-instrumentation, which loads it
 SATELLITES = {"_demo.py", "pytest_plugin.py", "debug/_doctor.py"}
 
 RAISED = [ValueError("boom"), asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(3)]
