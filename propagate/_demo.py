@@ -6,8 +6,9 @@ separate traces (orphans) or, in worker processes, never arrives at all; a strea
 response closed in another task leaves its ended span current (OpenTelemetry logs
 "Failed to detach context"), so the next span gets the wrong parent; and the worker
 processes' log lines are lost. propagate's run uses its runtime context
-(``OTEL_PYTHON_CONTEXT=propagate``, set by ``__main__`` before OpenTelemetry loads) and
-``relay_logs=True``.
+(``OTEL_PYTHON_CONTEXT=propagate``, set by ``__main__`` before OpenTelemetry loads),
+``relay_logs=True``, and `propagate.instrument` for the pool inside a library the
+request calls (as boto3's transfer manager has one), which no tool of the caller's reaches.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def render(page: int) -> int:
 def reindex() -> None:
     """The linked background job: its task span is the root of a trace of its own."""
     time.sleep(0.01)
+
+
+def upload(parts: range) -> list[str]:
+    """A third-party library's call: its own stdlib pool, which its caller cannot swap."""
+    with cf.ThreadPoolExecutor(2, thread_name_prefix="vendor") as pool:
+        return list(pool.map(_work, [f"upload part {part}" for part in parts]))
 
 
 def fetch_shard(shard: int, pool: cf.Executor) -> str:
@@ -170,6 +177,7 @@ async def request(tools: Tools) -> cf.Future[None]:
         await asyncio.create_task(rows.aclose())  # ...and exited in another (a disconnect)
         with tracer.start_as_current_span("summarize"):  # the request's child, or the stream's?
             pass
+        upload(range(2))  # a library's own pool: only instrument() reaches it
         pool.submit(_work, "audit log (fire-and-forget)", 0.05)  # outlives the request
         job = background.submit(tools.traced_task(reindex))
     pool.shutdown()
@@ -202,9 +210,14 @@ def run(tools: Tools) -> tuple[list[ReadableSpan], list[logging.LogRecord]]:
     lines = _Lines()
     log.addHandler(lines)
     log.setLevel(logging.INFO)
+    instrument = not isinstance(tools, StdlibTools)
+    if instrument:
+        propagate.instrument()
     try:
         asyncio.run(request(tools))
     finally:
+        if instrument:
+            propagate.uninstrument()
         log.removeHandler(lines)
     return list(exporter.get_finished_spans()), lines.records
 

@@ -195,6 +195,6 @@ def assert_demo_tree(spans: list[dict[str, Any]]) -> None:
     assert summarize["parent_id"] == request["span_id"]  # not the stream's, ended elsewhere
     names = {s["name"] for s in spans}
     assert {"dns.lookup", "render page 0", "render page 1", "parse report",
-            "audit log (fire-and-forget)", "decode shard 2"} <= names
+            "audit log (fire-and-forget)", "decode shard 2", "upload part 1"} <= names
     workers = {s["pid"] for s in spans if str(s["name"]).startswith("render")}
     assert request["pid"] not in workers

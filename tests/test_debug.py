@@ -511,12 +511,17 @@ def test_context_filter_sets_opentelemetrys_logging_fields() -> None:
     from opentelemetry.instrumentation.logging import LoggingInstrumentor  # the test extra
 
     theirs = LoggingInstrumentor()
-    theirs.instrument(inject_trace_context=True)
+    # set_logging_format: the one switch every release has (0.62 injects only with it); it
+    # also calls logging.basicConfig, which a handler already on the root logger stops
+    guard = logging.NullHandler()
+    logging.getLogger().addHandler(guard)
+    theirs.instrument(set_logging_format=True)
     try:
         factory = logging.getLogRecordFactory()  # theirs: it sets the fields as it makes one
         expected = _fields_seen(lambda: factory("n", logging.INFO, "", 0, "m", (), None))
     finally:
         theirs.uninstrument()
+        logging.getLogger().removeHandler(guard)
 
     def filtered() -> logging.LogRecord:
         record = logging.makeLogRecord({"msg": "m"})
