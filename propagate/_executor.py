@@ -216,20 +216,25 @@ def _logs_home() -> tuple[tuple[int, str], Any]:
     The same tuple while neither changes (tasks of one pool share it, as they share
     the no-span task tuples).
     """
-    global _logs, _logs_field
-    if _logs is None:
-        from . import _logs as module  # needs only the stdlib, but only relay_logs needs it
-
-        _logs = module
-    origin, levels = _relay_module().here(), _logs.levels()
+    global _logs_field
+    origin, levels = _relay_module().here(), _logs_module().levels()
     field = _logs_field
     if field[0] is not origin or field[1] is not levels:
         field = _logs_field = (origin, levels)
     return field
 
 
-_logs: Any = None  # propagate._logs, imported on first use
 _logs_field: tuple[Any, Any] = (None, None)
+_logs: Any = None  # propagate._logs, imported on first use: only relay_logs needs it
+
+
+def _logs_module() -> Any:
+    global _logs
+    if _logs is None:
+        from . import _logs as module
+
+        _logs = module
+    return _logs
 
 
 def _logs_task(checked: bool, logs: tuple[Any, Any]) -> Task:
@@ -325,9 +330,7 @@ def _capture_logs(relay: Any, origin: tuple[int, str], levels: Any) -> Any:
     """The task's log capture (`_logs.Capture`); None where it was sent from."""
     if origin == relay.here():  # this process: its own handlers take the records
         return None
-    from ._logs import capture
-
-    return capture(levels)
+    return _logs_module().capture(levels)
 
 
 def _closed(collected: Any) -> list[Any]:

@@ -33,6 +33,8 @@ from tests.helpers import assert_freed, current_ids, one_span, setting
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("test_instrument.request",
                                                               default="unset")
 WAIT = 60  # seconds: every wait in this file is bounded
+# Python 3.14's flag: a new thread starts in a copy of its starter's context by itself
+INHERITS = bool(getattr(sys.flags, "thread_inherit_context", False))
 ROOT = Path(__file__).parent.parent
 OTEL_THREADING = "opentelemetry.instrumentation.threading"
 # What instrument() patches, as the stdlib has it
@@ -412,7 +414,10 @@ def test_uninstrumented_out_of_order(otel_threading: Any, otel_first: bool,
         assert [(value, ids) for value, ids, _ in seen] == [("req-1", request)] * 3
         assert [otel_frames(stack) for _, _, stack in seen] == [[]] * 3
     else:  # OpenTelemetry's alone: the span, not the ContextVar, through its wrappers
-        assert [(value, ids) for value, ids, _ in seen] == [("unset", request)] * 3
+        # (new threads inherit the whole context under thread_inherit_context, the pool's
+        # worker too, started by the submit)
+        value = "req-1" if INHERITS else "unset"
+        assert [(value, ids) for value, ids, _ in seen] == [(value, request)] * 3
         assert all(otel_frames(stack) for _, _, stack in seen)
     assert same(attributes()[:3], before)
 
@@ -436,8 +441,10 @@ def test_instrument_is_idempotent_and_uninstrument_restores(tracer: trace.Tracer
         propagate.uninstrument()
     propagate.uninstrument()
     assert same(attributes(), before)
-    with cf.ThreadPoolExecutor(1) as pool, setting(REQUEST, "off"):
-        assert pool.submit(REQUEST.get).result(WAIT) == "unset"
+    with cf.ThreadPoolExecutor(1) as pool:
+        pool.submit(int).result(WAIT)  # its worker starts before the value is set
+        with setting(REQUEST, "off"):
+            assert pool.submit(REQUEST.get).result(WAIT) == "unset"
 
 
 def test_instrument_is_thread_safe() -> None:
@@ -488,8 +495,9 @@ def run_instrumented(tmp_path: Path, code: str, **env: str) -> str:
 CARRIES = """
     import concurrent.futures, contextvars
     var = contextvars.ContextVar("var", default="not carried")
-    var.set("carried")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(int).result()  # its worker starts first (3.14's inheriting threads)
+        var.set("carried")
         print(pool.submit(var.get).result())
 """
 
