@@ -318,6 +318,17 @@ def test_the_stdlib_process_pool_carries_the_detached_context(
     assert span.parent is not None and span.parent.span_id == request[1]
 
 
+def test_the_stdlib_process_pool_pickles_where_it_did(instrumented: None) -> None:
+    """I7, API: instrumented, the stdlib's process pool still pickles a task when it sends
+    it: what cannot be pickled fails on the future, not at submit; a lambda, which the
+    stdlib's pool refuses, is sent by value, as propagate's own pool sends it."""
+    with cf.ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        future = pool.submit(pt.square, threading.Lock())  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="lock"):
+            future.result(WAIT)
+        assert pool.submit(lambda: 6 * 7).result(WAIT) == 42
+
+
 def test_propagates_process_pool_is_not_bound_twice(
         instrumented: None, tracer: trace.Tracer, exporter: InMemorySpanExporter) -> None:
     """I6: propagate's ProcessPoolExecutor, and wrap_executor over the stdlib's, send each
