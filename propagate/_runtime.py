@@ -14,7 +14,8 @@ This runtime behaves as OpenTelemetry's default one, except at such a foreign de
   or ``attach``, which every span start makes): if its current context is still the one
   the orphaned token attached, it goes back to what it was before that attach, as the
   detach would have done there. If something was attached over it in the meantime, that
-  is left alone, and the orphan heals once it is detached;
+  is left alone, and the orphan heals once it is detached. This is `propagate.span`'s
+  rule too, and both follow `propagate._heal`;
 * an orphan whose entering Context can never run again (nothing but the orphan's token
   refers to it) is dropped at the next foreign detach, and at most `MAX_ORPHANS` wait.
 
@@ -29,7 +30,8 @@ time; and a Context that never uses the context API again keeps the ended span c
 
 OpenTelemetry loads this module while ``opentelemetry.context`` is still half imported,
 so it imports nothing of OpenTelemetry but ``opentelemetry.context.context``, and
-nothing of propagate (importing ``propagate`` itself loads only its errors and version).
+nothing of propagate but `propagate._heal` (importing ``propagate`` itself loads only its
+errors and version).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from contextvars import ContextVar, Token
 from typing import Any
 
 from opentelemetry.context.context import Context, _RuntimeContext
+
+from ._heal import reset_here, undo
 
 MAX_ORPHANS = 64
 """At most this many foreign detaches wait to heal; beyond it the oldest is forgotten."""
@@ -61,6 +65,9 @@ class _Orphan:
         self.token = token
         self.attached = attached  # what the attach made current: undone only while it is
         self.where = where  # the Context the token was made in (found by the collector)
+
+    def reset(self) -> bool:
+        return reset_here(self.token)
 
 
 class RuntimeContext(_RuntimeContext):
@@ -142,38 +149,20 @@ class RuntimeContext(_RuntimeContext):
             self._healing()
 
     def _heal(self, current: Context) -> Context:
-        """In the Context calling: undo the orphaned attaches made here that are current.
-
-        Innermost first: only the orphan whose attached context is current can be undone,
-        and then the one it was attached over may be. Then the Context is marked as
-        checked. Returns the current context.
-        """
-        var = self._current_context
-        healed = False
-        undone = True
-        while undone:  # until nothing more is undone: the orphans' order is not nesting's
-            undone = False
-            for orphan in self._orphans:  # a snapshot
-                if orphan.attached is not current:
-                    continue
-                try:
-                    var.reset(orphan.token)
-                except ValueError:  # not made here (a copy of the Context that made it)
-                    continue
-                except RuntimeError:  # used already: nothing left to undo
-                    pass
-                healed = undone = True
-                self._forget(orphan)
-                current = var.get()
-                break
-        if not healed:
+        """In the Context calling: undo the orphaned attaches made here that are current
+        (`propagate._heal.undo`), then mark it checked. Returns the current context."""
+        undone = undo(self._orphans, self._current_context.get)  # a snapshot
+        if undone:
+            self._forget(undone)
+            current = self._current_context.get()
+        else:
             self._sweep()
         self._checked.set((self._generation, current))
         return current
 
-    def _forget(self, orphan: _Orphan) -> None:
+    def _forget(self, undone: list[_Orphan]) -> None:
         with self._lock:
-            self._orphans = [o for o in self._orphans if o is not orphan]
+            self._orphans = [o for o in self._orphans if o not in undone]
             if not self._orphans:
                 self._fast()
 

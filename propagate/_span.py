@@ -16,7 +16,8 @@ attempted:
 * **healing**: the entering Context still has the span as its current one. At its next
   propagate call (entering or exiting a scope, ``submit``, ``wrap``, ``capture``,
   ``to_thread``...) on the entering thread, in the entering Context, it is reset to what
-  it was before the span, provided the span's context is still the current one there.
+  it was before the span, provided the span's context is still the current one there
+  (the rule of `propagate._heal`, which the runtime context follows too).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import itertools
 import sys
 import threading
 import time
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _otel, _private
 from ._errors import CrossThreadExitWarning
+from ._heal import reset_here, undo
 from ._otel import Attributes, Span, SpanKind, Tracer
 
 if not TYPE_CHECKING:  # for typing.get_type_hints(trace): see _otel
@@ -110,28 +111,21 @@ def _reset(token: object) -> bool:
     if type(token) is tuple:  # propagate's runtime context's: the Token and what it set
         token = token[0]
     if isinstance(token, contextvars.Token):
-        try:
-            token.var.reset(token)
-        except ValueError:  # made in a different Context
-            return False
-        except RuntimeError:  # already used: someone else restored this Context
-            pass
-        return True
+        return reset_here(token)
     _otel.detach(token)  # a non-contextvars runtime
     return True
 
 
 class _Scope:
-    __slots__ = ("context", "end_time", "entered", "life", "span", "task", "thread", "token")
+    __slots__ = ("attached", "end_time", "life", "span", "task", "thread", "token")
 
     def __init__(self, span: Span) -> None:
         self.span = span
-        self.context = _otel.in_context(span)
-        self.token = _otel.attach(self.context)
+        self.attached = _otel.in_context(span)
+        self.token = _otel.attach(self.attached)
         self.thread = threading.current_thread()
         task = _current_task()
         self.task = None if task is None else weakref.ref(task)
-        self.entered = next(_entered)
         self.life = _life_here()
         self.end_time: int | None = None  # set while an end waits for the entering thread
 
@@ -163,10 +157,11 @@ class _Scope:
         if ctx is None:
             return
         with contextlib.suppress(RuntimeError):  # entered somewhere after all: let it heal
-            ctx.run(self._restore)
+            ctx.run(undo, [self], _otel.get_current)
 
-    def _restore(self) -> bool:
-        return _otel.get_current() is self.context and _reset(self.token)
+    def reset(self) -> bool:
+        """Undo this scope's attach if this is the Context that made it (see `heal`)."""
+        return _reset(self.token)
 
     def _orphan(self) -> None:
         global _exit_hook
@@ -184,14 +179,6 @@ class _Scope:
         """Whether the entering Context can never run again: its thread or task finished."""
         return self.life.over or not self.thread.is_alive() or self.abandoned()
 
-    def heal(self) -> bool:
-        """Restore the entering Context, if this is it and the span is still current there.
-
-        True when the scope is done with: healed, or abandoned by its finished task. The
-        caller ends it, outside the lock.
-        """
-        return self._restore() or self.abandoned()
-
     def abandoned(self) -> bool:
         """Whether nothing can heal this scope any more: its entering task has finished."""
         task = None if self.task is None else self.task()
@@ -205,7 +192,6 @@ class _Scope:
             self._restore_finished_thread()
 
 
-_entered = itertools.count()
 _exit_hook = False
 
 
@@ -214,20 +200,13 @@ def heal() -> None:
     if not orphans:
         return
     ident = threading.get_ident()
-    done: list[_Scope] = []
     with _lock:
         scopes = orphans.get(ident)
         if not scopes:
             return
-        healed = True
-        while healed and scopes:  # innermost first: an outer scope heals once inner ones have
-            scopes.sort(key=lambda scope: scope.entered, reverse=True)
-            kept = [scope for scope in scopes if not scope.heal()]
-            healed = len(kept) < len(scopes)
-            done += [scope for scope in scopes if scope not in kept]
-            scopes[:] = kept
-        if not scopes:
-            del orphans[ident]
+        done = undo(scopes, _otel.get_current)  # the entering Context, if this is it
+        done += [scope for scope in scopes if scope not in done and scope.abandoned()]
+        _drop(ident, done)
     _end(done)
 
 

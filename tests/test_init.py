@@ -137,8 +137,8 @@ def test_wrapper_docstrings_say_like():
 # What `import propagate` loads: nothing until a name is used, then what that name needs
 CORE = {
     "propagate", "propagate._context", "propagate._errors", "propagate._executor",
-    "propagate._otel", "propagate._private", "propagate._span", "propagate._switch",
-    "propagate._thread", "propagate._version", "propagate._wire",
+    "propagate._heal", "propagate._otel", "propagate._private", "propagate._span",
+    "propagate._switch", "propagate._thread", "propagate._version", "propagate._wire",
 }
 NOT_UNTIL_USED = ["asyncio", "socket", "ssl", "selectors", "multiprocessing", "subprocess",
                   "cloudpickle", "concurrent.futures.process", "concurrent.interpreters",

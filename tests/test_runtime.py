@@ -80,8 +80,8 @@ def test_the_entry_point_loads_it() -> None:
     runtime_line, modules = done.stdout.splitlines()
     assert runtime_line == "propagate._runtime RuntimeContext"
     assert "Failed to load context" not in done.stderr and done.stderr == ""
-    assert modules == str(["propagate", "propagate._errors", "propagate._runtime",
-                           "propagate._version"])
+    assert modules == str(["propagate", "propagate._errors", "propagate._heal",
+                           "propagate._runtime", "propagate._version"])
 
 
 def test_a_scope_exited_on_another_thread_heals_its_context(
