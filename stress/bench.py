@@ -179,34 +179,70 @@ def bench_span(rounds: int, n: int) -> dict[str, dict[str, float]]:
 
 
 def bench_runtime(rounds: int, n: int) -> dict[str, dict[str, float]]:
-    """OpenTelemetry's context API (attach, get_current, detach) with its default runtime
-    context against propagate's (``OTEL_PYTHON_CONTEXT=propagate``), swapped in turn in
-    this one process, as the entry point would install it."""
+    """OpenTelemetry's context API with its default runtime context against propagate's
+    (``OTEL_PYTHON_CONTEXT=propagate``), swapped in turn in this one process, as the entry
+    point would install it. Three rows:
+
+    * the API alone: an attach, a ``get_current`` and a detach (the target's row);
+    * the same with propagate's runtime minus its one piece of bookkeeping, the context
+      each token set (``attach`` returns the bare Token): what that bookkeeping costs.
+      Such a runtime cannot heal correctly, so this row is a floor, not an option;
+    * a span scope as instrumentations open it (``start_as_current_span``, recording
+      SDK), with ``get_current_span`` inside: what the runtime costs where it is used.
+    """
     import opentelemetry.context as api
     from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
     from propagate._runtime import RuntimeContext
 
-    def timed(runtime: Any) -> Timed:
-        context = api.Context({"k": "v"})
+    class BareTokens(RuntimeContext):
+        def attach(self, context: api.Context) -> Any:  # type: ignore[override]
+            return self._set(context)
 
+        def detach(self, token: Any) -> None:
+            try:  # noqa: SIM105 (as the runtime's own: contextlib.suppress costs two frames)
+                self._reset(token)
+            except ValueError:
+                pass
+
+    def swapped(runtime: Any, body: Callable[[int], float]) -> Timed:
         def run(k: int) -> float:
             before, api._RUNTIME_CONTEXT = api._RUNTIME_CONTEXT, runtime
             try:
-                attach, get_current, detach = api.attach, api.get_current, api.detach
-                start = time.perf_counter()
-                for _ in range(k):
-                    token = attach(context)
-                    get_current()
-                    detach(token)
-                return time.perf_counter() - start
+                return body(k)
             finally:
                 api._RUNTIME_CONTEXT = before
 
         return run
 
-    return {"runtime context: attach, get_current, detach": paired(
-        timed(ContextVarsRuntimeContext()), timed(RuntimeContext()), rounds, n * 50)}
+    context = api.Context({"k": "v"})
+
+    def context_api(k: int) -> float:
+        attach, get_current, detach = api.attach, api.get_current, api.detach
+        start = time.perf_counter()
+        for _ in range(k):
+            token = attach(context)
+            get_current()
+            detach(token)
+        return time.perf_counter() - start
+
+    def span_scope(k: int) -> float:
+        scope, current = tracer.start_as_current_span, trace.get_current_span
+        start = time.perf_counter()
+        for _ in range(k):
+            with scope("s"):
+                current()
+        return time.perf_counter() - start
+
+    default, ours = ContextVarsRuntimeContext(), RuntimeContext()
+    return {
+        "runtime context: attach, get_current, detach": paired(
+            swapped(default, context_api), swapped(ours, context_api), rounds, n * 50),
+        "runtime context, its floor (bare tokens)": paired(
+            swapped(default, context_api), swapped(BareTokens(), context_api), rounds, n * 50),
+        "runtime context: a span scope": paired(
+            swapped(default, span_scope), swapped(ours, span_scope), rounds, n * 5),
+    }
 
 
 def bench_dns(rounds: int, n: int) -> dict[str, dict[str, float]]:
@@ -260,6 +296,7 @@ ROWS = {"threads": bench_threads, "processes": bench_processes,
 TARGETS = {"threads": 1.03, "processes, relay on": 1.10, "interpreters, relay on": 1.10,
            "to_thread": 1.05, "span": 1.10,
            "runtime context: attach, get_current, detach": 1.05,
+           "runtime context: a span scope": 1.05,
            "dns": 1.10, "dask executor": 1.10,
            **BIG_TARGETS}
 
