@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 from collections import deque
 from contextvars import ContextVar
@@ -277,8 +278,12 @@ def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]],
       object, so the exception pickles as its own reduction with the spans in front,
       and they are delivered before the exception is rebuilt, even if rebuilding fails.
       It sends them once: it leaves the object as it pickles it.
-    * For a type with a reducer of its own in a dispatch table (tblib registers
-      exceptions there), the spans ride in the state, under `_KEY` (see `_Spans`).
+    * Where the type has a reducer of its own in a dispatch table (tblib registers
+      exceptions there), or will have one before the exception is pickled (in a Dask
+      worker, which registers the type as it reports the error), the spans ride in the
+      state, under `_KEY` (see `_Spans`). Such a reducer pickles the ``__dict__`` as it
+      is and never asks for ``__reduce_ex__``, which would then cross as a stray
+      attribute of the caller's exception.
     """
     vars(exc).pop("__reduce_ex__", None)
     vars(exc).pop(_KEY, None)
@@ -286,17 +291,32 @@ def stash(exc: BaseException, origin: Origin, spans: list[tuple[Any, ...]],
         return
     delivery = _Delivery(origin, _source(), spans, logs)
     kind = type(exc)
-    if kind not in copyreg.dispatch_table and kind not in _private.forking_reducers():
-        exc.__reduce_ex__ = _Carry(exc, delivery)  # type: ignore[method-assign,assignment]
-        return
-    exc.__dict__[_KEY] = _Spans(delivery, exc.__suppress_context__)
     reducer = copyreg.dispatch_table.get(kind) or _private.forking_reducers().get(kind)
-    state = reducer(exc) if reducer is not None else None
-    if not (isinstance(state, tuple) and len(state) > 2 and isinstance(state[2], dict)
-            and _KEY in state[2]):
+    if reducer is not None or _in_a_dask_worker():
+        exc.__dict__[_KEY] = _Spans(delivery, exc.__suppress_context__)
+        state = reducer(exc) if reducer is not None else kind.__reduce_ex__(exc, 2)
+        if (isinstance(state, tuple) and len(state) > 2 and isinstance(state[2], dict)
+                and _KEY in state[2]):
+            return
         del exc.__dict__[_KEY]
-        log.warning("spans of a failed task were not relayed: the reducer of %s drops "
-                    "the exception's __dict__", kind.__qualname__)
+        if reducer is not None:
+            log.warning("spans of a failed task were not relayed: the reducer of %s drops "
+                        "the exception's __dict__", kind.__qualname__)
+            return
+    exc.__reduce_ex__ = _Carry(exc, delivery)  # type: ignore[method-assign,assignment]
+
+
+def _in_a_dask_worker() -> bool:
+    """Whether this thread runs a Dask task: its worker will register tblib's reducer for
+    the type of the task's error as it reports it (``distributed.core.error_message``)."""
+    distributed: Any = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+    except ValueError:  # "No worker found": not in a task of one
+        return False
+    return True
 
 
 class _Carry:

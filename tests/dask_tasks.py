@@ -79,6 +79,16 @@ def fail(name: str, message: str) -> None:
         raise TaskFailed(message)
 
 
+class Unseen(Exception):
+    """Raised by one test only: in each worker, the first of its type that Dask reports."""
+
+
+def fail_unseen(name: str) -> None:
+    """Record a span, then raise `Unseen` from inside it."""
+    with trace.get_tracer("tests.dask").start_as_current_span(name):
+        raise Unseen(name)
+
+
 def die(name: str) -> None:
     """Record a span, then kill the worker process mid-task."""
     with trace.get_tracer("tests.dask").start_as_current_span(name):

@@ -231,6 +231,18 @@ def test_exception_on_worker_reaches_caller(executor, exporter, tracer):
     assert span.resource.attributes["process.pid"] != os.getpid()
 
 
+def test_the_first_exception_of_its_type_a_worker_reports_arrives_unchanged(executor, exporter,
+                                                                              tracer):
+    """I6, I7: Dask registers tblib's reducer for an exception's type as a worker reports
+    the first one, after the task ended: its spans still come home once, and nothing of
+    propagate's is left on the caller's exception."""
+    with tracer.start_as_current_span("client"):
+        exc = executor.submit(dask_tasks.fail_unseen, "unseen").exception(timeout=WAIT)
+    assert type(exc) is dask_tasks.Unseen and exc.args == ("unseen",)
+    assert extra_state(exc) == {}
+    assert one_span(exporter, "unseen").status.status_code is StatusCode.ERROR
+
+
 def test_exception_attributes_unchanged(client, executor):
     """I7: the caller's exception has the attributes it has without propagate (see extra_state)."""
     plain = client.get_executor().submit(dask_tasks.fail, "plain", "boom")
