@@ -5,9 +5,9 @@ imports the provider's parts for its fixtures. Importing this module sets the gl
 tracer provider (conftest.py does so first, before any test module is collected).
 
 The task modules that workers import (`tests.process_tasks`, `tests.asyncio_tasks`,
-`tests.dask_tasks`) never import this module: they stay light in spawned processes and
-subinterpreters. A forked worker has it already, and may look at ``EXPORTER`` through
-``sys.modules`` (see `tests.process_tasks.exported_here`).
+`tests.engine_tasks` and the engines' own) never import this module: they stay light in
+spawned processes and subinterpreters. A forked worker has it already, and may look at
+``EXPORTER`` through ``sys.modules`` (see `tests.process_tasks.exported_here`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Task functions for the Ray tests, importable by name in Ray's worker processes.
-
-Ray's workers start in the driver's working directory, with it on ``sys.path``, so they
-import this module by name; a function defined in a test would cross by value and hide
-import-time behaviour (the registration of `REQUEST_ID` here) from the test.
+"""Task functions only the Ray tests use, importable by name in Ray's worker processes
+(the shared ones are in `tests.engine_tasks`). Ray's workers start in the driver's working
+directory, with it on ``sys.path``, so they import these modules by name.
 """
 
 from __future__ import annotations
@@ -10,23 +8,10 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
 import time
-from contextvars import ContextVar
 from typing import Any
 
-from opentelemetry import baggage, context, trace
-
-import propagate
-
-REQUEST_ID: ContextVar[str] = propagate.register(ContextVar("tests.ray.request_id"))
-UNREGISTERED: ContextVar[str] = ContextVar("tests.ray.unregistered", default="worker")
-
-tracer = trace.get_tracer("tests.ray")
-
-
-class TaskFailed(Exception):
-    """Raised in a Ray worker, to check that the caller gets this very type back."""
+from tests.engine_tasks import TaskFailed, tracer, wait_for
 
 
 class Opaque(Exception):
@@ -34,56 +19,6 @@ class Opaque(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), self.args
-
-
-def identity(x: Any) -> Any:
-    """The smallest task."""
-    return x
-
-
-def record(name: str, gate: str | None = None) -> dict[str, Any]:
-    """Record one span in the worker (once ``gate`` exists, if given); report where it ran
-    and what it saw."""
-    if gate is not None:
-        _wait_for(gate)
-    with tracer.start_as_current_span(name) as span:
-        sc = span.get_span_context()
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "trace_id": sc.trace_id,
-            "span_id": sc.span_id,
-            "baggage": dict(baggage.get_all()),
-            "request_id": REQUEST_ID.get(None),
-        }
-
-
-def seen() -> dict[str, Any]:
-    """What of the context a task sees, without recording a span."""
-    return {
-        "pid": os.getpid(),
-        "baggage": dict(baggage.get_all()),
-        "request_id": REQUEST_ID.get(None),
-        "unregistered": UNREGISTERED.get(),
-        "span_valid": trace.get_current_span().get_span_context().is_valid,
-    }
-
-
-def change_context(value: str) -> dict[str, Any]:
-    """Set the registered variable and baggage in the worker; report what was there first."""
-    before = seen()
-    REQUEST_ID.set(value)
-    UNREGISTERED.set(value)
-    context.attach(baggage.set_baggage("changed", value))  # never detached: must not leak
-    return before
-
-
-def fail(name: str, message: str, gate: str | None = None) -> None:
-    """Record a span (once ``gate`` exists, if given), then raise `TaskFailed` from inside it."""
-    if gate is not None:
-        _wait_for(gate)
-    with tracer.start_as_current_span(name):
-        raise TaskFailed(message, 42)
 
 
 def fail_opaquely(name: str) -> None:
@@ -128,14 +63,7 @@ def first_attempt_raises(marker: str, name: str) -> int:
 def hold(started: str, gate: str) -> bool:
     """Mark that the task started, then block until ``gate`` exists; whether it appeared."""
     open(started, "w").close()
-    return _wait_for(gate)
-
-
-def _wait_for(path: str, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return os.path.exists(path)
+    return wait_for(gate)
 
 
 def touch(path: str) -> None:
@@ -160,12 +88,6 @@ def assigned_resources() -> dict[str, float]:
     import ray
 
     return dict(ray.get_runtime_context().get_assigned_resources())
-
-
-def span_processors() -> list[str]:
-    """The class names of the span processors of this process's tracer provider."""
-    active = getattr(trace.get_tracer_provider(), "_active_span_processor", None)
-    return [type(p).__name__ for p in getattr(active, "_span_processors", ())]
 
 
 def read(ref_holder: list[Any]) -> Any:

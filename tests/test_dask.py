@@ -1,6 +1,7 @@
 """propagate/dask.py and wrap_executor on Dask: a real LocalCluster with worker processes.
 
-The task functions live in `tests.dask_tasks`, which the workers import by name. The
+The task functions live in `tests.engine_tasks` (those every engine's tests use) and
+`tests.dask_tasks`, which the workers import by name. The
 workers are spawned by Dask's nannies and configured by nothing but the tasks they run:
 whatever the relay needs there is set up by the first task.
 """
@@ -29,6 +30,7 @@ import propagate
 import propagate.dask
 from propagate.debug import ContextFilter
 from tests import dask_tasks
+from tests import engine_tasks as et
 from tests.helpers import extra_state, one_span, setting, spans_named, with_baggage
 
 WAIT = 60  # seconds: generous, worker processes start slowly on a busy machine
@@ -101,7 +103,7 @@ def worker_addresses(client: distributed.Client) -> list[str]:
 def test_worker_span_is_child_of_client_span(executor, exporter, tracer):
     """I1, I3: a span recorded on a worker is a child of the submitting span, in its trace."""
     with tracer.start_as_current_span("client") as parent:
-        future = executor.submit(dask_tasks.record, "on-worker")
+        future = executor.submit(et.record, "on-worker")
     seen = future.result(timeout=WAIT)  # the client span has ended: the task still has its parent
     sc = parent.get_span_context()
     assert seen["pid"] != os.getpid()
@@ -115,15 +117,15 @@ def test_worker_span_is_child_of_client_span(executor, exporter, tracer):
 def test_baggage_crosses(executor, tracer):
     """I1: the submitter's baggage is the task's baggage on the worker."""
     with tracer.start_as_current_span("client"), with_baggage(tenant="acme", region="eu"):
-        seen = executor.submit(dask_tasks.seen).result(timeout=WAIT)
+        seen = executor.submit(et.seen).result(timeout=WAIT)
     assert seen["baggage"] == {"tenant": "acme", "region": "eu"}
     assert seen["span_valid"]
 
 
 def test_registered_contextvar_crosses_unregistered_does_not(executor):
     """I1: a registered ContextVar's value reaches the worker; an unregistered one does not."""
-    with setting(dask_tasks.REQUEST_ID, "req-7"), setting(dask_tasks.UNREGISTERED, "client"):
-        seen = executor.submit(dask_tasks.seen).result(timeout=WAIT)
+    with setting(et.REQUEST_ID, "req-7"), setting(et.UNREGISTERED, "client"):
+        seen = executor.submit(et.seen).result(timeout=WAIT)
     assert seen["request_id"] == "req-7"
     assert seen["unregistered"] == "worker"
     assert not seen["span_valid"]  # no current span here: none appears there
@@ -132,20 +134,21 @@ def test_registered_contextvar_crosses_unregistered_does_not(executor):
 def test_changes_on_worker_do_not_leak(client):
     """I2: what a task sets on a worker reaches neither the submitter nor the next task there."""
     executor = pinned(client, worker_addresses(client)[0])
-    with setting(dask_tasks.REQUEST_ID, "req-1"):
-        before = executor.submit(dask_tasks.change_context, "changed").result(timeout=WAIT)
-        assert before == "req-1"
-        assert dask_tasks.REQUEST_ID.get() == "req-1"
-    after = executor.submit(dask_tasks.seen).result(timeout=WAIT)
-    assert after == {"baggage": {}, "request_id": None, "unregistered": "worker",
-                     "span_valid": False}
+    with setting(et.REQUEST_ID, "req-1"):
+        before = executor.submit(et.change_context, "changed").result(timeout=WAIT)
+        assert before["request_id"] == "req-1"
+        assert et.REQUEST_ID.get() == "req-1"
+    after = executor.submit(et.seen).result(timeout=WAIT)
+    assert after["pid"] == before["pid"]  # the same worker process
+    assert (after["baggage"], after["request_id"], after["unregistered"], after["span_valid"]) == (
+        {}, None, "worker", False)
 
 
 def test_relay_delivers_worker_spans_once_before_future_resolves(client, executor, exporter,
                                                                   tracer):
     """I6: each worker span reaches this provider exactly once, before its future resolves."""
     with tracer.start_as_current_span("client") as parent:
-        futures = [executor.submit(dask_tasks.record, f"task-{i}") for i in range(6)]
+        futures = [executor.submit(et.record, f"task-{i}") for i in range(6)]
         checks = [exported_at_resolve(f, exporter) for f in futures]
         results = [f.result(timeout=WAIT) for f in futures]
     for i, (result, check) in enumerate(zip(results, checks, strict=True)):
@@ -161,8 +164,8 @@ def test_workers_export_nothing_themselves(client, exporter, tracer):
     """I6: after a first task, each worker records into the relay alone; the client exports."""
     with tracer.start_as_current_span("client"):
         for worker in worker_addresses(client):
-            pinned(client, worker).submit(dask_tasks.record, worker).result(timeout=WAIT)
-    processors = client.run(dask_tasks.span_processors)
+            pinned(client, worker).submit(et.record, worker).result(timeout=WAIT)
+    processors = client.run(et.span_processors)
     assert processors == {w: ["_Collector"] for w in worker_addresses(client)}
     assert sorted(s.name for s in exporter.get_finished_spans()) == sorted(
         [*worker_addresses(client), "client"])
@@ -172,7 +175,7 @@ def test_one_trace_from_client_to_workers(client, exporter, tracer):
     """I6: one trace joins a client span to task spans and user spans on worker processes."""
     executor = propagate.dask.executor(client, task_spans=True)
     with tracer.start_as_current_span("request") as root:
-        results = list(executor.map(dask_tasks.record, ["a", "b", "c", "d"], timeout=WAIT))
+        results = list(executor.map(et.record, ["a", "b", "c", "d"], timeout=WAIT))
     trace_id = root.get_span_context().trace_id
     spans = exporter.get_finished_spans()
     assert {s.context.trace_id for s in spans} == {trace_id}
@@ -194,8 +197,8 @@ def test_helper_passes_keywords_to_get_executor(client):
     """API: the helper is get_executor with its keywords: workers= sends each task there."""
     worker = worker_addresses(client)[-1]
     executor = propagate.dask.executor(client, workers=[worker])
-    with setting(dask_tasks.REQUEST_ID, "req-3"):
-        seen = list(executor.map(dask_tasks.record, ["x", "y", "z"], timeout=WAIT))
+    with setting(et.REQUEST_ID, "req-3"):
+        seen = list(executor.map(et.record, ["x", "y", "z"], timeout=WAIT))
     assert {s["pid"] for s in seen} == {client.run(os.getpid, workers=[worker])[worker]}
     assert {s["request_id"] for s in seen} == {"req-3"}
 
@@ -204,7 +207,7 @@ def test_link_starts_a_new_trace(client, exporter, tracer):
     """I6: with link=True the worker's task span roots a new trace, linked to the submitter."""
     executor = propagate.dask.executor(client, task_spans=True, link=True)
     with tracer.start_as_current_span("submitter") as parent:
-        executor.submit(dask_tasks.identity, 1).result(timeout=WAIT)
+        executor.submit(et.identity, 1).result(timeout=WAIT)
     task_span = one_span(exporter, "identity")
     sc = parent.get_span_context()
     assert task_span.parent is None
@@ -216,12 +219,12 @@ def test_link_starts_a_new_trace(client, exporter, tracer):
 def test_exception_on_worker_reaches_caller(executor, exporter, tracer):
     """I7: a worker's exception reaches the caller with its type, args and remote traceback."""
     with tracer.start_as_current_span("client"):
-        future = executor.submit(dask_tasks.fail, "failing", "boom")
+        future = executor.submit(et.fail, "failing", "boom")
         check = exported_at_resolve(future, exporter)
-        with pytest.raises(dask_tasks.TaskFailed) as info:
+        with pytest.raises(et.TaskFailed) as info:
             future.result(timeout=WAIT)
-    assert type(info.value) is dask_tasks.TaskFailed
-    assert info.value.args == ("boom",)
+    assert type(info.value) is et.TaskFailed
+    assert info.value.args == ("boom", 42)
     frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
     assert "fail" in frames
     [(thread, names)] = check
@@ -245,8 +248,8 @@ def test_the_first_exception_of_its_type_a_worker_reports_arrives_unchanged(exec
 
 def test_exception_attributes_unchanged(client, executor):
     """I7: the caller's exception has the attributes it has without propagate (see extra_state)."""
-    plain = client.get_executor().submit(dask_tasks.fail, "plain", "boom")
-    wrapped = executor.submit(dask_tasks.fail, "wrapped", "boom")
+    plain = client.get_executor().submit(et.fail, "plain", "boom")
+    wrapped = executor.submit(et.fail, "wrapped", "boom")
     wrapped_exc = wrapped.exception(timeout=WAIT)
     assert extra_state(wrapped_exc) == vars(plain.exception(timeout=WAIT))
     assert wrapped_exc.__traceback__ is not None  # tblib's restored traceback is not clobbered
@@ -262,11 +265,11 @@ def test_worker_dying_mid_task_fails_in_bounded_time(client, exporter, tracer):
     assert spans_named(exporter, "dying") == []  # recorded in a process that is gone: lost with it
     client.wait_for_workers(WORKERS, timeout=WAIT)
     # The last worker to die was replaced by a process that has run nothing yet.
-    fresh = [w for w, names in client.run(dask_tasks.span_processors).items() if names == []]
+    fresh = [w for w, names in client.run(et.span_processors).items() if names == []]
     assert fresh
     with tracer.start_as_current_span("client again"):
         seen = propagate.dask.executor(client, workers=fresh[:1]).submit(
-            dask_tasks.record, "after").result(timeout=WAIT)
+            et.record, "after").result(timeout=WAIT)
     span = one_span(exporter, "after")
     assert span.resource.attributes["process.pid"] == seen["pid"] != os.getpid()
 
@@ -274,9 +277,9 @@ def test_worker_dying_mid_task_fails_in_bounded_time(client, exporter, tracer):
 def test_context_manager_shuts_down(client):
     """API: a wrapped Dask executor works as a context manager, like the bare one."""
     with propagate.wrap_executor(client.get_executor()) as executor:
-        assert executor.submit(dask_tasks.identity, 3).result(timeout=WAIT) == 3
+        assert executor.submit(et.identity, 3).result(timeout=WAIT) == 3
     with pytest.raises(RuntimeError):
-        executor.submit(dask_tasks.identity, 4)
+        executor.submit(et.identity, 4)
 
 
 def test_concurrent_tasks_in_one_worker_keep_their_spans(exporter, tracer, tmp_path: Path):
@@ -309,7 +312,7 @@ def test_in_process_workers_export_directly_once(exporter, tracer):
             distributed.Client(cluster) as client:
         executor = propagate.dask.executor(client, task_spans=True)
         with tracer.start_as_current_span("client") as parent:
-            seen = executor.submit(dask_tasks.record, "in-process").result(timeout=WAIT)
+            seen = executor.submit(et.record, "in-process").result(timeout=WAIT)
     assert seen["pid"] == os.getpid()
     span = one_span(exporter, "in-process")
     task_span = one_span(exporter, "record")
@@ -324,18 +327,18 @@ sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!
 from opentelemetry import baggage, context
 import distributed
 import propagate.dask
-from tests import dask_tasks
+from tests import engine_tasks as et
 
 cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                    dashboard_address=None,
                                    scheduler_kwargs={{"dashboard_address": "127.0.0.1:0"}})
 with cluster, distributed.Client(cluster) as client:
     executor = propagate.dask.executor(client, task_spans=True)
-    dask_tasks.REQUEST_ID.set("req-8")
+    et.REQUEST_ID.set("req-8")
     context.attach(baggage.set_baggage("tenant", "acme"))
-    seen = executor.submit(dask_tasks.record, "no provider").result(timeout={WAIT})
+    seen = executor.submit(et.record, "no provider").result(timeout={WAIT})
     print(seen["request_id"], seen["baggage"], seen["trace_id"])
-    print(client.run(dask_tasks.span_processors))
+    print(client.run(et.span_processors))
 """
 
 
@@ -374,8 +377,8 @@ def test_worker_without_sdk_still_runs_tasks(tracer, tmp_path: Path):
     with local_cluster(1, threads_per_worker=1, preload=[str(preload)]) as cluster, \
             distributed.Client(cluster) as client:
         executor = propagate.dask.executor(client)
-        with tracer.start_as_current_span("client"), setting(dask_tasks.REQUEST_ID, "req-9"):
-            seen = executor.submit(dask_tasks.seen).result(timeout=WAIT)
+        with tracer.start_as_current_span("client"), setting(et.REQUEST_ID, "req-9"):
+            seen = executor.submit(et.seen).result(timeout=WAIT)
     assert seen["request_id"] == "req-9"
     assert seen["span_valid"]
 

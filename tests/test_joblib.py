@@ -2,8 +2,8 @@
 
 ``propagate-loky`` runs on joblib's own loky executor (worker processes started afresh,
 reused across calls and tests, as joblib reuses them); ``propagate-threading`` on joblib's
-thread pool. The task functions live in `tests.joblib_tasks`, which the workers import by
-name. Tests that hold for both backends run on each.
+thread pool. The task functions live in `tests.engine_tasks` and `tests.joblib_tasks`,
+which the workers import by name. Tests that hold for both backends run on each.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from opentelemetry.trace import StatusCode
 
 import propagate
 import propagate.joblib
+from tests import engine_tasks as et
 from tests import joblib_tasks as jt
 from tests.helpers import assert_freed, extra_state, one_span, setting, spans_named, with_baggage
 
@@ -106,8 +107,8 @@ def test_an_unsupported_joblib_fails_at_import_naming_the_range(version: str) ->
 
 def test_one_job_runs_in_the_callers_context(backend: str, tracer: trace.Tracer) -> None:
     """I1: with n_jobs=1 joblib runs the tasks itself, here, in the caller's context."""
-    with tracer.start_as_current_span("caller") as caller, setting(jt.REQUEST_ID, "req-1"):
-        [seen] = Parallel(n_jobs=1, backend=backend)([delayed(jt.seen)()])
+    with tracer.start_as_current_span("caller") as caller, setting(et.REQUEST_ID, "req-1"):
+        [seen] = Parallel(n_jobs=1, backend=backend)([delayed(et.seen)()])
     assert (seen["pid"], seen["request_id"]) == (os.getpid(), "req-1")
     assert (seen["trace_id"], seen["span_id"]) == ids(caller)
 
@@ -120,7 +121,7 @@ def test_the_issues_example_gives_one_trace(exporter: InMemorySpanExporter,
     """I1, I6: parallel_config(backend="propagate-loky") gives one trace across loky workers."""
     with tracer.start_as_current_span("caller") as caller, \
             joblib.parallel_config(backend=LOKY, n_jobs=JOBS):
-        seen = Parallel()(delayed(jt.record)(f"task-{i}") for i in range(6))
+        seen = Parallel()(delayed(et.record)(f"task-{i}") for i in range(6))
     trace_id, span_id = ids(caller)
     for i, item in enumerate(seen):
         assert item["pid"] != os.getpid()
@@ -136,9 +137,9 @@ def test_the_issues_example_gives_one_trace(exporter: InMemorySpanExporter,
 def test_baggage_and_registered_vars_cross(backend: str, tracer: trace.Tracer) -> None:
     """I1: baggage and registered ContextVars cross; unregistered ones only to threads."""
     with tracer.start_as_current_span("caller") as caller, \
-            with_baggage(tenant="acme", region="eu"), setting(jt.REQUEST_ID, "req-2"), \
-            setting(jt.UNREGISTERED, "caller"):
-        [seen] = run(backend, [delayed(jt.seen)()])
+            with_baggage(tenant="acme", region="eu"), setting(et.REQUEST_ID, "req-2"), \
+            setting(et.UNREGISTERED, "caller"):
+        [seen] = run(backend, [delayed(et.seen)()])
     assert seen["baggage"] == {"tenant": "acme", "region": "eu"}
     assert seen["request_id"] == "req-2"
     assert (seen["trace_id"], seen["span_id"]) == ids(caller)
@@ -154,9 +155,9 @@ def test_batches_dispatched_from_callback_threads_carry_the_context(backend: str
                                                                     tracer: trace.Tracer) -> None:
     """I1: every batch sees the caller's context, though joblib dispatches most of them from
     its callback threads, after the first ones complete: captured when the call starts."""
-    with tracer.start_as_current_span("caller") as caller, setting(jt.REQUEST_ID, "req-3"):
+    with tracer.start_as_current_span("caller") as caller, setting(et.REQUEST_ID, "req-3"):
         parallel = Parallel(n_jobs=JOBS, backend=backend, batch_size=1)
-        seen = parallel(delayed(jt.seen)() for _ in range(40))
+        seen = parallel(delayed(et.seen)() for _ in range(40))
     assert parallel.n_dispatched_batches == 40
     assert {(s["request_id"], s["trace_id"], s["span_id"]) for s in seen} == {
         ("req-3", *ids(caller))}
@@ -164,19 +165,19 @@ def test_batches_dispatched_from_callback_threads_carry_the_context(backend: str
 
 def test_a_closure_over_a_registered_var_crosses_it_by_name() -> None:
     """I1: a closure sent by value holding a registered ContextVar gets the worker's by name."""
-    var = jt.REQUEST_ID
+    var = et.REQUEST_ID
 
     def read() -> str | None:
         return var.get(None)
 
-    with setting(jt.REQUEST_ID, "req-4"):
+    with setting(et.REQUEST_ID, "req-4"):
         assert run(LOKY, [delayed(read)()]) == ["req-4"]
 
 
 def test_a_registered_var_returned_by_a_task_comes_back_by_name() -> None:
     """I1: the workers send a registered ContextVar by name too: the result is the caller's."""
     [var] = run(LOKY, [delayed(jt.the_variable)()])
-    assert var is jt.REQUEST_ID
+    assert var is et.REQUEST_ID
 
 
 def test_loky_still_pickles_the_batch_with_its_own_reducers() -> None:
@@ -184,8 +185,8 @@ def test_loky_still_pickles_the_batch_with_its_own_reducers() -> None:
     among them) still apply to every argument, as on joblib's own loky backend."""
     reduction.register(jt.Reduced, lambda obj: (str, ("reduced by loky",)))
     try:
-        plain = run("loky", [delayed(jt.identity)(jt.Reduced())])
-        ours = run(LOKY, [delayed(jt.identity)(jt.Reduced())])
+        plain = run("loky", [delayed(et.identity)(jt.Reduced())])
+        ours = run(LOKY, [delayed(et.identity)(jt.Reduced())])
     finally:
         del reduction._dispatch_table[jt.Reduced]
     assert plain == ours == ["reduced by loky"]
@@ -195,7 +196,7 @@ def test_nested_parallel_calls_carry_the_context(backend: str, exporter: InMemor
                                                  tracer: trace.Tracer) -> None:
     """I1, I6: a Parallel call inside a task runs on propagate-threading (joblib's default for
     nested calls is threads): its tasks see the context, and their spans come home, once."""
-    with tracer.start_as_current_span("caller"), setting(jt.REQUEST_ID, "req-5"):
+    with tracer.start_as_current_span("caller"), setting(et.REQUEST_ID, "req-5"):
         [outer] = run(backend, [delayed(jt.nested)("outer", ["inner-a", "inner-b"])])
     outer_span = one_span(exporter, "outer")
     for item, name in zip(outer["inner"], ["inner-a", "inner-b"], strict=True):
@@ -214,12 +215,12 @@ def test_nested_parallel_calls_carry_the_context(backend: str, exporter: InMemor
 def test_items_of_a_batch_each_get_their_own_copy(backend: str, tracer: trace.Tracer) -> None:
     """I2: with batch_size > 1, what one item sets is not seen by the next item of its batch,
     nor by the caller."""
-    with tracer.start_as_current_span("caller") as caller, setting(jt.REQUEST_ID, "req-6"), \
-            setting(jt.UNREGISTERED, "caller"):
+    with tracer.start_as_current_span("caller") as caller, setting(et.REQUEST_ID, "req-6"), \
+            setting(et.UNREGISTERED, "caller"):
         parallel = Parallel(n_jobs=JOBS, backend=backend, batch_size=4, pre_dispatch="all")
-        seen = parallel(delayed(jt.change_context)(f"item-{i}") for i in range(8))
+        seen = parallel(delayed(et.change_context)(f"item-{i}") for i in range(8))
         assert parallel.n_dispatched_batches == 2  # two batches of four items each
-        assert jt.REQUEST_ID.get() == "req-6" and jt.UNREGISTERED.get() == "caller"
+        assert et.REQUEST_ID.get() == "req-6" and et.UNREGISTERED.get() == "caller"
         assert trace.get_current_span() is caller
     unregistered = "worker" if backend == LOKY else "caller"
     assert {(s["request_id"], s["unregistered"], tuple(s["baggage"]), s["span_id"])
@@ -230,11 +231,11 @@ def test_items_of_a_batch_each_get_their_own_copy(backend: str, tracer: trace.Tr
 def test_nothing_reaches_the_next_call_on_the_same_workers(backend: str, batch_size: int) -> None:
     """I2: what tasks set is not seen by the tasks of a later call on the same workers, nor
     by the next batch of the same call."""
-    with setting(jt.REQUEST_ID, "req-7"):
-        changed = run(backend, [delayed(jt.change_context)(f"item-{i}") for i in range(8)],
+    with setting(et.REQUEST_ID, "req-7"):
+        changed = run(backend, [delayed(et.change_context)(f"item-{i}") for i in range(8)],
                       batch_size=batch_size)
     assert {s["request_id"] for s in changed} == {"req-7"}
-    seen = run(backend, [delayed(jt.seen)() for _ in range(8)], batch_size=batch_size)
+    seen = run(backend, [delayed(et.seen)() for _ in range(8)], batch_size=batch_size)
     assert {(s["request_id"], s["unregistered"], tuple(s["baggage"]), s["span_id"])
             for s in seen} == {(None, "worker", (), 0)}
 
@@ -251,7 +252,7 @@ def test_the_callers_span_may_end_before_later_batches_run(backend: str, tmp_pat
     with tracer.start_as_current_span("caller") as caller:
         results = Parallel(n_jobs=JOBS, backend=backend, batch_size=1, pre_dispatch=JOBS,
                            return_as="generator")(
-            delayed(jt.record_when)(f"late-{i}", release) for i in range(6))
+            delayed(et.record)(f"late-{i}", release) for i in range(6))
     Path(release).touch()  # the first batches wait for this: all run after the span ended
     seen = list(results)
     caller_span = one_span(exporter, "caller")
@@ -273,7 +274,7 @@ def test_nothing_is_kept_after_the_call() -> None:
     ref = weakref.ref(value)
     with Parallel(n_jobs=JOBS, backend=THREADING) as parallel:
         with setting(jt.PAYLOAD, value):
-            assert parallel(delayed(jt.identity)(i) for i in range(4)) == [0, 1, 2, 3]
+            assert parallel(delayed(et.identity)(i) for i in range(4)) == [0, 1, 2, 3]
         del value
         assert_freed(ref)
 
@@ -287,7 +288,7 @@ def test_worker_spans_arrive_once_before_joblib_hands_back_each_result(
     its task's result, under the caller's span, with the worker's pid and host."""
     with tracer.start_as_current_span("caller") as caller:
         results = Parallel(n_jobs=JOBS, backend=LOKY, batch_size=1, return_as="generator")(
-            delayed(jt.record)(f"task-{i}") for i in range(8))
+            delayed(et.record)(f"task-{i}") for i in range(8))
         for i, item in enumerate(results):
             span = one_span(exporter, f"task-{i}")  # exported once, already
             assert span.parent is not None and span.parent.span_id == ids(caller)[1]
@@ -308,9 +309,9 @@ def test_workers_record_into_the_relay_alone(exporter: InMemorySpanExporter,
 def test_spans_of_a_failing_batch_arrive_with_its_exception(exporter: InMemorySpanExporter,
                                                             tracer: trace.Tracer) -> None:
     """I6, I7: a batch that raises brings its spans home, once, with the exception."""
-    calls = [delayed(jt.record)("ok"), delayed(jt.fail)("failing", "boom"),
-             delayed(jt.record)("other-1"), delayed(jt.record)("other-2")]
-    with tracer.start_as_current_span("caller") as caller, pytest.raises(jt.TaskFailed):
+    calls = [delayed(et.record)("ok"), delayed(et.fail)("failing", "boom"),
+             delayed(et.record)("other-1"), delayed(et.record)("other-2")]
+    with tracer.start_as_current_span("caller") as caller, pytest.raises(et.TaskFailed):
         run(LOKY, calls, batch_size=2, pre_dispatch="all")  # batches: [ok, failing], [others]
     for name in ("ok", "failing"):
         span = one_span(exporter, name)
@@ -323,8 +324,8 @@ def test_spans_of_a_failing_batch_arrive_with_its_exception(exporter: InMemorySp
 
 
 def failure(backend: str) -> BaseException:
-    with pytest.raises(jt.TaskFailed) as info:
-        run(backend, [delayed(jt.fail)("failing", "boom")])
+    with pytest.raises(et.TaskFailed) as info:
+        run(backend, [delayed(et.fail)("failing", "boom")])
     return info.value
 
 
@@ -334,8 +335,8 @@ def test_the_users_exception_arrives_as_joblibs_own_backend_gives_it(plain: str,
     """I7: the exception is the user's, with its remote traceback where joblib's own backend
     gives one, exactly as joblib's own backend gives it."""
     theirs, mine = failure(plain), failure(ours)
-    assert type(mine) is type(theirs) is jt.TaskFailed
-    assert mine.args == theirs.args == ("boom",)
+    assert type(mine) is type(theirs) is et.TaskFailed
+    assert mine.args == theirs.args == ("boom", 42)
     assert type(mine.__cause__) is type(theirs.__cause__)  # loky's remote traceback
     if ours == LOKY:
         assert "in fail" in str(mine.__cause__)
@@ -348,7 +349,7 @@ def test_a_worker_killed_mid_task_fails_in_bounded_time(tmp_path: Path,
     """I6, I7: a worker dying mid-task gives joblib's TerminatedWorkerError, without a hang;
     the spans of batches that finished arrived once, and the next call relays again."""
     release = str(tmp_path / "release")
-    calls = [delayed(jt.record)(f"done-{i}") for i in range(3)]
+    calls = [delayed(et.record)(f"done-{i}") for i in range(3)]
     with tracer.start_as_current_span("caller"):
         results = Parallel(n_jobs=JOBS, backend=LOKY, batch_size=1, pre_dispatch="all",
                            return_as="generator")([*calls, delayed(jt.die_when)("dying", release)])
@@ -362,7 +363,7 @@ def test_a_worker_killed_mid_task_fails_in_bounded_time(tmp_path: Path,
         assert one_span(exporter, f"done-{i}").resource.attributes["process.pid"] == item["pid"]
     assert spans_named(exporter, "dying") == []  # recorded in a process that is gone
     with tracer.start_as_current_span("again"):
-        [after] = run(LOKY, [delayed(jt.record)("after")])
+        [after] = run(LOKY, [delayed(et.record)("after")])
     assert one_span(exporter, "after").resource.attributes["process.pid"] == after["pid"]
     assert len(spans_named(exporter, "done-0")) == 1
 
@@ -373,8 +374,8 @@ def test_an_unpicklable_registered_value_fails_at_the_call_naming_it() -> None:
     lock = threading.Lock()
     with setting(jt.PAYLOAD, lock):
         with pytest.raises(propagate.ContextSerializationError, match=r"tests\.joblib\.payload"):
-            run(LOKY, [delayed(jt.identity)(i) for i in range(4)])
-        assert run(THREADING, [delayed(jt.identity)(i) for i in range(4)]) == [0, 1, 2, 3]
+            run(LOKY, [delayed(et.identity)(i) for i in range(4)])
+        assert run(THREADING, [delayed(et.identity)(i) for i in range(4)]) == [0, 1, 2, 3]
 
 
 def test_what_loky_cannot_pickle_fails_as_with_joblibs_own_loky() -> None:
@@ -382,7 +383,7 @@ def test_what_loky_cannot_pickle_fails_as_with_joblibs_own_loky() -> None:
     errors = []
     for backend in ("loky", LOKY):
         with pytest.raises(Exception) as info:
-            run(backend, [delayed(jt.identity)(threading.Lock())])
+            run(backend, [delayed(et.identity)(threading.Lock())])
         errors.append(info.value)
     plain, ours = errors
     assert type(ours) is type(plain)
@@ -391,7 +392,7 @@ def test_what_loky_cannot_pickle_fails_as_with_joblibs_own_loky() -> None:
 
 def test_a_closure_over_an_unregistered_var_fails_naming_register() -> None:
     """I7: an unregistered ContextVar cannot cross: the error says to register it."""
-    var = jt.UNREGISTERED
+    var = et.UNREGISTERED
 
     def read() -> str:
         return var.get()
@@ -408,15 +409,16 @@ def test_a_closure_over_an_unregistered_var_fails_naming_register() -> None:
 NO_PROVIDER = """
 import joblib
 from opentelemetry import baggage, context
+import os
 import propagate.joblib
-from tests import joblib_tasks as jt
+from tests import engine_tasks as et
 
 propagate.joblib.register()
-jt.REQUEST_ID.set("req-8")
+et.REQUEST_ID.set("req-8")
 context.attach(baggage.set_baggage("tenant", "acme"))
 with joblib.parallel_config(backend="propagate-loky", n_jobs=2):
-    [seen] = joblib.Parallel()([joblib.delayed(jt.record)("no provider")])
-print(seen["request_id"], seen["baggage"], seen["trace_id"], seen["pid"] != jt.os.getpid())
+    [seen] = joblib.Parallel()([joblib.delayed(et.record)("no provider")])
+print(seen["request_id"], seen["baggage"], seen["trace_id"], seen["pid"] != os.getpid())
 """
 
 

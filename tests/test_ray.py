@@ -1,7 +1,8 @@
 """propagate/ray.py: Ray tasks through an Executor, on a real local Ray cluster.
 
 One Ray instance (two CPUs) serves the module. The task functions live in
-`tests.ray_tasks`, which Ray's workers import by name (they start in this directory).
+`tests.engine_tasks` and `tests.ray_tasks`, which Ray's workers import by name (they
+start in this directory).
 Ray publishes no wheels for Python 3.15: there the module is skipped, saying so.
 """
 
@@ -27,6 +28,7 @@ from opentelemetry.trace import StatusCode
 
 import propagate
 import propagate.ray
+from tests import engine_tasks as et
 from tests import ray_tasks as rt
 from tests.helpers import (
     assert_freed,
@@ -103,7 +105,7 @@ def test_worker_spans_come_home_under_the_request_span(executor, exporter, trace
     task ran, and arrives once, with the worker's host.name and process.pid."""
     gate = tmp_path / "gate"
     with tracer.start_as_current_span("request") as request:
-        future = executor.submit(rt.record, "in worker", str(gate))
+        future = executor.submit(et.record, "in worker", str(gate))
     gate.touch()  # the request span has ended: the task records its span only now
     seen = future.result(timeout=WAIT)
     sc = request.get_span_context()
@@ -120,15 +122,15 @@ def test_worker_spans_come_home_under_the_request_span(executor, exporter, trace
 def test_baggage_crosses(executor, tracer):
     """I1: the submitter's baggage is the task's baggage in the Ray worker."""
     with tracer.start_as_current_span("request"), with_baggage(tenant="acme", region="eu"):
-        seen = executor.submit(rt.seen).result(timeout=WAIT)
+        seen = executor.submit(et.seen).result(timeout=WAIT)
     assert seen["baggage"] == {"tenant": "acme", "region": "eu"}
     assert seen["span_valid"]
 
 
 def test_registered_contextvar_crosses_unregistered_does_not(executor):
     """I1: a registered ContextVar's value reaches the worker; an unregistered one does not."""
-    with setting(rt.REQUEST_ID, "req-7"), setting(rt.UNREGISTERED, "driver"):
-        seen = executor.submit(rt.seen).result(timeout=WAIT)
+    with setting(et.REQUEST_ID, "req-7"), setting(et.UNREGISTERED, "driver"):
+        seen = executor.submit(et.seen).result(timeout=WAIT)
     assert seen["request_id"] == "req-7"
     assert seen["unregistered"] == "worker"
     assert not seen["span_valid"]  # no current span here: none appears there
@@ -138,24 +140,24 @@ def test_closure_reading_a_registered_contextvar(executor):
     """I1: a closure that refers to a registered ContextVar crosses (by value) and reads
     the submitter's value there: Ray's own pickler cannot send the variable."""
     local: ContextVar[str] = propagate.register(ContextVar("tests.ray.closure_local"))
-    with setting(local, "from-driver"), setting(rt.REQUEST_ID, "req-closure"):
-        got = executor.submit(lambda: (local.get(), rt.REQUEST_ID.get())).result(timeout=WAIT)
+    with setting(local, "from-driver"), setting(et.REQUEST_ID, "req-closure"):
+        got = executor.submit(lambda: (local.get(), et.REQUEST_ID.get())).result(timeout=WAIT)
     assert got == ("from-driver", "req-closure")
 
 
 def test_changes_in_a_task_do_not_leak(tracer):
     """I2: what a task sets in a worker reaches neither the submitter nor the next task there."""
     with own_worker("i2") as executor:
-        with tracer.start_as_current_span("request"), setting(rt.REQUEST_ID, "req-1"):
+        with tracer.start_as_current_span("request"), setting(et.REQUEST_ID, "req-1"):
             before = current_ids()
-            changed = executor.submit(rt.change_context, "changed").result(timeout=WAIT)
+            changed = executor.submit(et.change_context, "changed").result(timeout=WAIT)
             assert changed["request_id"] == "req-1"
-            assert rt.REQUEST_ID.get() == "req-1" and current_ids() == before
+            assert et.REQUEST_ID.get() == "req-1" and current_ids() == before
             assert dict(baggage.get_all()) == {}
-        after = executor.submit(rt.seen).result(timeout=WAIT)
+        after = executor.submit(et.seen).result(timeout=WAIT)
     assert after["pid"] == changed["pid"]  # the same worker process
-    assert after == {"pid": changed["pid"], "baggage": {}, "request_id": None,
-                     "unregistered": "worker", "span_valid": False}
+    assert (after["baggage"], after["request_id"], after["unregistered"], after["span_valid"]) == (
+        {}, None, "worker", False)
 
 
 # -- I6: the relay -------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_spans_arrive_once_before_each_future_resolves(executor, exporter, trace
     which Ray resolves on a thread of its own."""
     gate = tmp_path / "gate"
     with tracer.start_as_current_span("request") as request:
-        futures = [executor.submit(rt.record, f"task-{i}", str(gate)) for i in range(6)]
+        futures = [executor.submit(et.record, f"task-{i}", str(gate)) for i in range(6)]
         checks = [exported_at_resolve(f, exporter) for f in futures]
         gate.touch()  # the tasks end only now: each check sees its future resolve
         results = [f.result(timeout=WAIT) for f in futures]
@@ -184,13 +186,13 @@ def test_spans_arrive_once_before_each_future_resolves(executor, exporter, trace
 def test_a_result_read_again_is_the_bare_value_and_delivers_nothing(executor, exporter):
     """I6: the task's ObjectRef read again (ray.get here, or handed to another task) gives
     the user's value, not a wrapper, and brings no span home a second time."""
-    future = executor.submit(rt.record, "read again")
+    future = executor.submit(et.record, "read again")
     result = future.result(timeout=WAIT)
     assert ray.get(future.object_ref, timeout=WAIT) == result
-    plain = ray.remote(rt.identity)
+    plain = ray.remote(et.identity)
     assert ray.get(plain.remote(future.object_ref), timeout=WAIT) == result  # in a worker
     assert executor.submit(rt.read, [future.object_ref]).result(timeout=WAIT) == result
-    assert executor.submit(rt.identity, future.object_ref).result(timeout=WAIT) == result
+    assert executor.submit(et.identity, future.object_ref).result(timeout=WAIT) == result
     assert len(spans_named(exporter, "read again")) == 1
 
 
@@ -199,10 +201,10 @@ def test_spans_of_a_failed_task_arrive_once(executor, exporter, tracer, tmp_path
     the exception twice), before the future resolves, with the error status."""
     gate = tmp_path / "gate"
     with tracer.start_as_current_span("request"):
-        future = executor.submit(rt.fail, "failing", "boom", str(gate))
+        future = executor.submit(et.fail, "failing", "boom", str(gate))
         check = exported_at_resolve(future, exporter)
         gate.touch()
-        with pytest.raises(rt.TaskFailed):
+        with pytest.raises(et.TaskFailed):
             future.result(timeout=WAIT)
     [(thread, names)] = check
     assert thread != threading.get_ident() and "failing" in names
@@ -226,9 +228,9 @@ def test_task_spans_and_link(exporter, tracer):
     """I6: task_spans=True records a span per task in the worker, under the request span;
     link=True roots it in a new trace, linked to the submitter."""
     with tracer.start_as_current_span("request") as request:
-        seen = propagate.ray.executor(task_spans=True).submit(rt.record, "inner").result(
+        seen = propagate.ray.executor(task_spans=True).submit(et.record, "inner").result(
             timeout=WAIT)
-        propagate.ray.executor(link=True).submit(rt.identity, 1).result(timeout=WAIT)
+        propagate.ray.executor(link=True).submit(et.identity, 1).result(timeout=WAIT)
     sc = request.get_span_context()
     task_span, linked = spans_named(exporter, "record"), one_span(exporter, "identity")
     assert [s.parent.span_id for s in task_span if s.parent] == [sc.span_id]
@@ -244,9 +246,9 @@ def test_relay_false_leaves_the_workers_tracing_alone(exporter, tracer):
     """I6: with relay=False the worker's tracer provider is not taken over and no span
     comes home; the context still crosses."""
     with own_worker("no-relay", relay=False) as executor, \
-            tracer.start_as_current_span("request"), setting(rt.REQUEST_ID, "req-5"):
-        seen = executor.submit(rt.record, "stays").result(timeout=WAIT)
-        processors = executor.submit(rt.span_processors).result(timeout=WAIT)
+            tracer.start_as_current_span("request"), setting(et.REQUEST_ID, "req-5"):
+        seen = executor.submit(et.record, "stays").result(timeout=WAIT)
+        processors = executor.submit(et.span_processors).result(timeout=WAIT)
     assert seen["request_id"] == "req-5"
     assert processors == []  # Ray's worker has no SDK provider, and got none from us
     assert spans_named(exporter, "stays") == []
@@ -263,7 +265,7 @@ def test_object_ref_arguments_are_resolved_as_by_ray(executor):
     kinds = executor.submit(rt.kinds, ray.put(1), [ray.put(2)], key=ray.put(3)).result(
         timeout=WAIT)
     assert kinds == {"0": "int", "1": "list", "key": "int"}
-    upstream = executor.submit(rt.identity, [4, 5])
+    upstream = executor.submit(et.identity, [4, 5])
     assert executor.submit(rt.total, upstream.object_ref).result(timeout=WAIT) == 9
 
 
@@ -296,7 +298,7 @@ def test_remote_options_reach_ray():
 def test_map_goes_through_submit(executor, exporter, tracer):
     """API: Executor.map runs each item as a task, in order, with its spans home."""
     with tracer.start_as_current_span("request"):
-        seen = list(executor.map(rt.record, ["a", "b", "c"], timeout=WAIT))
+        seen = list(executor.map(et.record, ["a", "b", "c"], timeout=WAIT))
     assert [s["span_id"] for s in seen] == [one_span(exporter, n).context.span_id
                                             for n in "abc"]
 
@@ -313,9 +315,9 @@ def test_wrap_executor_returns_it_as_it_is(executor):
 def test_user_exception_reaches_the_caller_unchanged(executor):
     """I7: the task's exception arrives with its own type (not Ray's RayTaskError), args
     and state, with the worker's traceback as its cause, as from a process pool."""
-    with pytest.raises(rt.TaskFailed) as info:
-        executor.submit(rt.fail, "raising", "boom").result(timeout=WAIT)
-    assert type(info.value) is rt.TaskFailed
+    with pytest.raises(et.TaskFailed) as info:
+        executor.submit(et.fail, "raising", "boom").result(timeout=WAIT)
+    assert type(info.value) is et.TaskFailed
     assert info.value.args == ("boom", 42)
     assert extra_state(info.value) == {}
     cause = info.value.__cause__
@@ -333,7 +335,7 @@ def test_not_initialised_fails_clearly(monkeypatch):
     with pytest.raises(RuntimeError, match=r"call ray\.init\(\) first"):
         propagate.ray.executor()
     with pytest.raises(RuntimeError, match=r"call ray\.init\(\) first"):
-        made.submit(rt.identity, 1)
+        made.submit(et.identity, 1)
 
 
 def test_bad_options_fail_at_construction():
@@ -349,23 +351,23 @@ def test_bad_options_fail_at_construction():
 
 def test_unpicklable_registered_value_fails_at_submit(executor):
     """I7: a registered ContextVar holding what cannot be pickled fails at submit, naming it."""
-    with setting(rt.REQUEST_ID, threading.Lock()), \
-            pytest.raises(propagate.ContextSerializationError, match=r"tests\.ray\.request_id"):
-        executor.submit(rt.seen)
+    with setting(et.REQUEST_ID, threading.Lock()), \
+            pytest.raises(propagate.ContextSerializationError, match=r"tests\.engines\.request_id"):
+        executor.submit(et.seen)
 
 
 @pytest.mark.parametrize("die", [rt.exit_now, rt.kill_self], ids=["os._exit", "SIGKILL"])
 def test_worker_dying_mid_task_fails_in_bounded_time(die, tracer):
     """I7: a task whose worker dies fails with Ray's WorkerCrashedError in bounded time;
     the submitter's context is intact."""
-    with tracer.start_as_current_span("request"), setting(rt.REQUEST_ID, "req-dead"):
+    with tracer.start_as_current_span("request"), setting(et.REQUEST_ID, "req-dead"):
         before = current_ids()
         started = time.monotonic()
         future = propagate.ray.executor(max_retries=0).submit(die, "dying")
         with pytest.raises(ray.exceptions.WorkerCrashedError, match="worker died"):
             future.result(timeout=WAIT)
         assert time.monotonic() - started < WAIT
-        assert current_ids() == before and rt.REQUEST_ID.get() == "req-dead"
+        assert current_ids() == before and et.REQUEST_ID.get() == "req-dead"
 
 
 def test_retry_after_a_dead_worker_brings_the_retrys_spans_once(exporter, tracer,
@@ -420,7 +422,7 @@ def test_shutdown_waits_for_every_task(tmp_path: Path):
     executor.shutdown()
     assert all(f.done() for f in futures)
     with pytest.raises(RuntimeError, match="after shutdown"):
-        executor.submit(rt.identity, 1)
+        executor.submit(et.identity, 1)
 
 
 def test_cancelled_future_never_runs(tmp_path: Path):
@@ -435,7 +437,7 @@ def test_cancelled_future_never_runs(tmp_path: Path):
         finally:
             gate.touch()
         assert blocker.result(timeout=WAIT)
-        executor.submit(rt.identity, 0).result(timeout=WAIT)  # after the target's turn
+        executor.submit(et.identity, 0).result(timeout=WAIT)  # after the target's turn
     assert target.cancelled()
     assert not mark.exists()
 
@@ -458,4 +460,4 @@ def test_shutdown_cancel_futures(tmp_path: Path):
         ray.get(target.object_ref, timeout=WAIT)
     assert not mark.exists()
     with pytest.raises(RuntimeError, match="after shutdown"):
-        executor.submit(rt.identity, 1)
+        executor.submit(et.identity, 1)
