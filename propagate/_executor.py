@@ -290,12 +290,14 @@ def _run_attached(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     (else the Context was made with it current, by `_context.task_context`)."""
     relay: Any = None
     batch = logs = None  # each None where the task was sent from, or is not relayed
-    if origin is not None or task[4] is not None:
+    home, logs_field = origin, task[4]  # where spans and records go: the same process
+    if origin is not None or logs_field is not None:
         relay = _relay_module()
         if relay:
             batch = relay.open_batch(origin) if origin is not None else None
-            logs = _capture_logs(relay, *task[4]) if task[4] is not None else None
-    home = origin if origin is not None else task[4][0] if task[4] is not None else None
+            if logs_field is not None:
+                home, levels = logs_field
+                logs = _capture_logs(relay, home, levels)
     state = None if detached is None else _context.enter(*detached)
     unsendable = None
     try:
